@@ -1,0 +1,43 @@
+-- notifyrelay: install the trigger function (idempotent: running it again is harmless).
+-- Usage: psql "$DSN" -v ON_ERROR_STOP=1 -f sql/install.sql   (or: notifyrelay sql install --dsn "$DSN")
+
+CREATE SCHEMA IF NOT EXISTS notifyrelay;
+
+COMMENT ON SCHEMA notifyrelay IS 'notifyrelay: NOTIFY helpers for the notifyrelay daemon (sql version 1)';
+
+-- The installed SQL's version, so that a later install.sql can tell what it upgrades.
+CREATE OR REPLACE FUNCTION notifyrelay.version() RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$ SELECT 1 $$;
+
+-- notifyrelay.notify_key(channel, key_column): a row trigger that NOTIFYs the row's key column, as text, on the
+-- channel. Send keys, not rows: PostgreSQL refuses payloads of 8000 bytes or more, so keys stay small.
+-- Pair it with a WHEN clause so that it fires only when watched columns actually change (see sql/examples/).
+CREATE OR REPLACE FUNCTION notifyrelay.notify_key() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    row_data jsonb;
+    key text;
+BEGIN
+    IF TG_NARGS <> 2 THEN
+        RAISE EXCEPTION 'notifyrelay.notify_key(channel, key_column) takes 2 arguments, got % on trigger % of %',
+            TG_NARGS, TG_NAME, TG_TABLE_NAME;
+    END IF;
+    IF TG_LEVEL <> 'ROW' THEN
+        RAISE EXCEPTION 'notifyrelay.notify_key() is a FOR EACH ROW trigger (trigger % of %)', TG_NAME, TG_TABLE_NAME;
+    END IF;
+    row_data := to_jsonb(CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END);
+    IF NOT row_data ? TG_ARGV[1] THEN
+        RAISE EXCEPTION 'notifyrelay.notify_key(): table % has no column %', TG_TABLE_NAME, TG_ARGV[1];
+    END IF;
+    key := row_data ->> TG_ARGV[1];
+    IF key IS NULL THEN
+        RETURN NULL;  -- nothing to name
+    END IF;
+    IF octet_length(key) > 1024 THEN
+        RAISE EXCEPTION 'notifyrelay.notify_key(): key column % holds % bytes; keys must stay small (at most 1024)',
+            TG_ARGV[1], octet_length(key);
+    END IF;
+    PERFORM pg_notify(TG_ARGV[0], key);
+    RETURN NULL;
+END
+$$;

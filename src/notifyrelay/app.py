@@ -1,0 +1,165 @@
+"""Wiring: the one place that builds the stages, runs them together and shuts them down in order.
+
+    PostgreSQL --LISTEN--> Listener --IngestQueue--> Coalescer --Batch--> Hub --frames--> websocket clients
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from . import log as logging_setup
+from .coalescer import Coalescer
+from .config import Config, load_config, resolve_dsn
+from .exceptions import ConfigError
+from .health import Readiness
+from .hub import Hub
+from .listener import IngestQueue, Listener
+from .metrics import Metrics
+from .server import RelayServer
+
+log = structlog.get_logger("notifyrelay.app")
+
+
+class Relay:
+    """The daemon: listener, coalescer, hub and server, run by ``run()`` until ``request_stop()``."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.overrides = dict(overrides or {})
+        names = [c.name for c in config.channels]
+        dsn = resolve_dsn(config)
+        logging_setup.register_secret(_password(dsn))
+        self.metrics = Metrics()
+        self.queue = IngestQueue(config.listener.queue_size)
+        self.metrics.ingest_queue_depth.set_function(lambda: len(self.queue))
+        self.hub = Hub(config.server, names, self.metrics)
+        self.coalescer = Coalescer(config.channels, config.coalesce, self.queue, self.hub, self.metrics)
+        self.listener = Listener(dsn, names, config.listener, self.queue, self.hub, self.metrics)
+        settings = config.listener
+        self.readiness = Readiness(
+            self.listener, heartbeat_deadline_s=settings.heartbeat_interval_s + settings.heartbeat_timeout_s + 5
+        )
+        self.server = RelayServer(config, self.hub, self.readiness, self.metrics)
+        self._stop = asyncio.Event()
+        self.started = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Serve until ``request_stop()``, then shut down in order. A crashed stage raises out of here."""
+        await self.server.start()
+        log.info("relay.started", url=self.server.url, admin_port=self.server.admin_port,
+                 channels=self.hub.channels, window_ms=self.config.coalesce.window_ms)
+        try:
+            async with asyncio.TaskGroup() as group:
+                stages = [
+                    group.create_task(self.listener.run(), name="listener"),
+                    group.create_task(self.coalescer.run(), name="coalescer"),
+                ]
+                self.started.set()
+                await self._stop.wait()
+                await self._shutdown()
+                for stage in stages:
+                    stage.cancel()
+        finally:
+            await self.listener.close()
+            await self.server.close()
+        log.info("relay.stopped")
+
+    async def _shutdown(self) -> None:
+        timeout = self.config.shutdown.timeout_s
+        log.info("relay.shutting_down", timeout_s=timeout, clients=len(self.hub.clients))
+        # 1. Stop being ready, so that load balancers stop sending new clients.
+        self.readiness.shutting_down = True
+        # 2. Stop accepting connections.
+        self.server.stop_accepting()
+        try:
+            async with asyncio.timeout(timeout):
+                # 3. Flush the last window, so nothing received is kept from clients.
+                self.coalescer.flush_all()
+                # 4. Close every client with 1001 (going away).
+                await self.hub.close_all(1001, "server shutting down")
+                # 5. Close the database connection.
+                await self.listener.close()
+        except TimeoutError:
+            log.warning("relay.shutdown_timeout", timeout_s=timeout)
+
+    async def reload(self) -> bool:
+        """Re-read the configuration file (SIGHUP) and apply what can change live; keep the old one if invalid."""
+        try:
+            new = load_config(self.config_path, overrides=self.overrides)
+        except ConfigError as exc:
+            log.error("relay.reload_rejected", error=str(exc))
+            return False
+        old = self.config
+        restart_needed = [
+            key for key, before, after in (
+                ("dsn", resolve_dsn(old), resolve_dsn(new)),
+                ("server.listen", old.server.listen, new.server.listen),
+                ("admin.listen", old.admin.listen, new.admin.listen),
+                ("server.tls_cert_file", old.server.tls_cert_file, new.server.tls_cert_file),
+                ("server.max_message_bytes", old.server.max_message_bytes, new.server.max_message_bytes),
+                ("server.compression", old.server.compression, new.server.compression),
+                ("coalesce", old.coalesce, new.coalesce),
+                ("listener.queue_size", old.listener.queue_size, new.listener.queue_size),
+            ) if before != after
+        ]
+        if restart_needed:
+            log.warning("relay.reload_needs_restart", keys=restart_needed)
+        logging_setup.set_level(new.log.level)
+        names = [c.name for c in new.channels]
+        self.hub.settings = new.server
+        self.hub.set_channels(names)
+        self.coalescer.set_channels(new.channels)
+        self.listener.settings = new.listener
+        await self.listener.set_channels(names)
+        self.server.config = self.config = new
+        log.info("relay.reloaded", channels=names)
+        return True
+
+
+def _password(dsn: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(dsn).password or ""
+    except ValueError:
+        return ""
+
+
+async def run_until_signalled(relay: Relay) -> None:
+    """Run the relay with SIGTERM/SIGINT (graceful stop; a second one exits at once) and SIGHUP (reload)."""
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_stop(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("relay.forced_exit", signal=signal.Signals(signum).name)
+            os._exit(1)
+        log.info("relay.signal", signal=signal.Signals(signum).name)
+        relay.request_stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_stop, signum)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(relay.reload()))
+    try:
+        await relay.run()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)

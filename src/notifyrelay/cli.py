@@ -1,0 +1,107 @@
+"""The ``notifyrelay`` command: run, check-config, watch, demo, --version.
+
+Exit status: 0 after a clean shutdown, 2 for a usage or configuration error, 1 for anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from . import __version__
+from .config import load_config, to_toml
+from .exceptions import ConfigError
+from .log import configure_logging
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="notifyrelay", description="Relay PostgreSQL LISTEN/NOTIFY to websocket clients, coalesced."
+    )
+    parser.add_argument("--version", action="version", version=f"notifyrelay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the relay daemon")
+    _config_option(run)
+    run.add_argument("--dsn", help="PostgreSQL DSN (overrides the file and NOTIFYRELAY_DSN)")
+    run.add_argument("--listen", metavar="HOST:PORT", help="websocket address (server.listen)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", choices=["json", "console"])
+
+    check = commands.add_parser("check-config", help="validate the configuration and print it, secrets redacted")
+    _config_option(check)
+
+    watch = commands.add_parser("watch", help="connect to a relay and print each event as it arrives")
+    watch.add_argument("url", metavar="URL", help="the relay's websocket URL, e.g. ws://127.0.0.1:8765/ws")
+    watch.add_argument("--channel", help="channel to follow (default: the first the relay offers)")
+    watch.add_argument("--key", action="append", default=[], help="key to follow; repeat it; none means every key")
+    watch.add_argument("--token", help="bearer token (auth mode jwt)")
+
+    demo = commands.add_parser("demo", help="an embedded PostgreSQL, a simulated worker and the relay, in one go")
+    demo.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8765")
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="PATH", default=os.environ.get("NOTIFYRELAY_CONFIG"),
+        help="TOML configuration file (default: $NOTIFYRELAY_CONFIG)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "check-config":
+            config = load_config(args.config)
+            sys.stdout.write(to_toml(config))
+            return EXIT_OK
+        if args.command == "watch":
+            from .watch import watch
+
+            return asyncio.run(watch(args.url, channel=args.channel, keys=args.key, token=args.token))
+        from .demo import run_demo
+
+        return run_demo(args.listen)
+    except ConfigError as exc:
+        print(f"notifyrelay: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .app import Relay, run_until_signalled
+
+    overrides: dict[str, Any] = {}
+    for flag, key in (("dsn", "dsn"), ("listen", "server.listen"), ("log_level", "log.level"),
+                      ("log_format", "log.format")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    config = load_config(args.config, overrides=overrides)
+    configure_logging(config.log.level, config.log.format)
+    log = structlog.get_logger("notifyrelay.cli")
+    try:
+        relay = Relay(config, config_path=args.config, overrides=overrides)
+        asyncio.run(run_until_signalled(relay))
+    except ConfigError:
+        raise
+    except OSError as exc:
+        log.error("relay.cannot_start", error=str(exc))
+        return EXIT_ERROR
+    except BaseException as exc:  # the last boundary: say why before exiting non-zero
+        if isinstance(exc, KeyboardInterrupt):
+            return EXIT_OK
+        log.exception("relay.crashed", error=str(exc))
+        return EXIT_ERROR
+    return EXIT_OK

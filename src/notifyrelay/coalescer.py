@@ -1,0 +1,245 @@
+"""Folding notifications into per-channel batches: at most one batch per channel per ``window_ms``.
+
+``ChannelWindow`` is the pure rule (no event loop, a clock passed in); ``Coalescer`` is the thin async shell that
+drains the ingest queue, feeds the windows and hands each batch to the sink (the hub) in ``seq`` order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import msgspec
+import structlog
+
+from .config import ChannelConfig, CoalesceConfig
+from .listener import IngestQueue
+from .metrics import Metrics
+
+log = structlog.get_logger("notifyrelay.coalescer")
+
+_json_decode = msgspec.json.Decoder().decode
+
+
+class BadPayload(ValueError):
+    """A notification payload from which no key can be taken; counted, logged and dropped."""
+
+
+@dataclass(slots=True)
+class Batch:
+    """Keys of one channel flushed together. ``received_at[i]`` is when ``keys[i]`` was first seen (monotonic)."""
+
+    channel: str
+    seq: int
+    keys: list[str]
+    payloads: dict[str, Any] | None
+    received_at: list[float] = field(default_factory=list)
+
+
+class KeyExtractor:
+    """Takes the key (and the value a notify frame carries) out of a payload, per the channel's ``key`` mode."""
+
+    def __init__(self, channel: ChannelConfig) -> None:
+        self.field = channel.json_field
+
+    def __call__(self, payload: str) -> tuple[str, Any]:
+        if self.field is None:
+            return payload, payload
+        try:
+            document = _json_decode(payload)
+        except (msgspec.DecodeError, RecursionError):
+            raise BadPayload("payload is not valid JSON") from None
+        if not isinstance(document, dict) or self.field not in document:
+            raise BadPayload(f"payload has no field {self.field!r}")
+        key = document[self.field]
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise BadPayload(f"field {self.field!r} is neither a string nor an integer")
+        # The payload is valid JSON: pass it through as raw bytes instead of re-encoding it per frame.
+        return (key if isinstance(key, str) else str(key)), msgspec.Raw(payload.encode())
+
+
+class ChannelWindow:
+    """The coalescing rule for one channel.
+
+    With ``leading_edge``, a notification that finds nothing flushed during the last window is flushed at once;
+    the rest is folded and flushed when the window since the last flush ends. Without it, the first pending
+    notification opens a window that is flushed when it ends. ``window_s == 0`` makes every notification a batch.
+    """
+
+    def __init__(self, channel: str, *, window_s: float, leading_edge: bool, with_payloads: bool) -> None:
+        self.channel = channel
+        self.window_s = window_s
+        self.leading_edge = leading_edge
+        self.with_payloads = with_payloads
+        self.seq = 0
+        self.last_flush = float("-inf")
+        self._pending: dict[str, Any] = {}  # dicts keep first-insertion order, and assignment keeps the last value
+        self._first_seen: list[float] = []
+        self._opened_at = 0.0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, key: str, value: Any, now: float, received: float | None = None) -> Batch | None:
+        """Fold one notification in; return a batch when it must go out immediately.
+
+        ``now`` drives the window; ``received`` (default ``now``) is only kept for the latency metric.
+        """
+        if key not in self._pending:
+            if not self._pending:
+                self._opened_at = now
+            self._first_seen.append(now if received is None else received)
+        self._pending[key] = value
+        if self.window_s == 0 or (
+            self.leading_edge and len(self._pending) == 1 and now - self.last_flush >= self.window_s
+        ):
+            return self.flush(now)
+        return None
+
+    def deadline(self) -> float | None:
+        """When the pending keys are due (monotonic seconds), or None when nothing is pending."""
+        if not self._pending:
+            return None
+        due = self.last_flush + self.window_s
+        return due if self.leading_edge else max(due, self._opened_at + self.window_s)
+
+    def flush(self, now: float) -> Batch:
+        self.seq += 1
+        self.last_flush = now
+        batch = Batch(
+            channel=self.channel,
+            seq=self.seq,
+            keys=list(self._pending),
+            payloads=self._pending if self.with_payloads else None,
+            received_at=self._first_seen,
+        )
+        self._pending = {}
+        self._first_seen = []
+        return batch
+
+
+class BatchSink(Protocol):
+    """Where batches go (the hub). Called on the event loop; must not block."""
+
+    def publish(self, batch: Batch) -> None: ...
+
+    def resync(self, channel: str, reason: str, gap_start: datetime, gap_end: datetime) -> None: ...
+
+
+class Coalescer:
+    """Drains the ingest queue into channel windows and flushes them on time."""
+
+    def __init__(
+        self,
+        channels: Iterable[ChannelConfig],
+        settings: CoalesceConfig,
+        queue: IngestQueue,
+        sink: BatchSink,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._queue = queue
+        self._sink = sink
+        self._metrics = metrics
+        self._clock = clock
+        self._windows: dict[str, ChannelWindow] = {}
+        self._extractors: dict[str, KeyExtractor] = {}
+        self._last_bad_log = float("-inf")
+        self._bad_since_log = 0
+        self.set_channels(channels)
+
+    def set_channels(self, channels: Iterable[ChannelConfig]) -> None:
+        """Adopt a new channel list (reload): new channels get a window, removed ones are flushed and dropped."""
+        wanted = {c.name: c for c in channels}
+        for name in list(self._windows):
+            if name not in wanted:
+                window = self._windows.pop(name)
+                if window.pending:
+                    self._sink.publish(window.flush(self._clock()))
+                del self._extractors[name]
+        for name, channel in wanted.items():
+            window = self._windows.get(name)
+            if window is None or window.with_payloads != channel.include_payload:
+                old_seq = window.seq if window else 0
+                window = ChannelWindow(
+                    name,
+                    window_s=self._settings.window_ms / 1000,
+                    leading_edge=self._settings.leading_edge,
+                    with_payloads=channel.include_payload,
+                )
+                window.seq = old_seq
+                self._windows[name] = window
+            self._extractors[name] = KeyExtractor(channel)
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        while True:
+            now = self._clock()
+            deadlines = [d for w in self._windows.values() if (d := w.deadline()) is not None]
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
+            items = await self._queue.get_all(timeout)
+            self.ingest(items)
+            self.flush_due()
+
+    def ingest(self, items: Iterable[tuple[str, str, float]]) -> None:
+        """Fold received notifications (channel, payload, monotonic receive time) into their windows."""
+        now = self._clock()
+        for channel, payload, received in items:
+            window = self._windows.get(channel)
+            if window is None:  # a channel removed by a reload while its notifications were queued
+                continue
+            self._metrics.notifications_received.labels(channel).inc()
+            try:
+                key, value = self._extractors[channel](payload)
+            except BadPayload as exc:
+                self._bad_payload(channel, str(exc), payload)
+                continue
+            pending_before = window.pending
+            batch = window.add(key, value, now, received)
+            if batch is not None:
+                self._publish(batch)
+            elif window.pending == pending_before:
+                self._metrics.notifications_coalesced.labels(channel).inc()
+        for channel, since in self._queue.take_overflow().items():
+            # Notifications were dropped because the queue was full: subscribers must refetch.
+            self._metrics.ingest_overflows.labels(channel).inc()
+            log.warning("coalescer.overflow_resync", channel=channel)
+            self._sink.resync(channel, "overflow", since, datetime.now(UTC))
+
+    def flush_due(self) -> None:
+        now = self._clock()
+        for window in self._windows.values():
+            deadline = window.deadline()
+            if deadline is not None and deadline <= now:
+                self._publish(window.flush(now))
+
+    def flush_all(self) -> None:
+        """Flush every pending key now (shutdown)."""
+        self.ingest(self._queue.take_nowait())
+        now = self._clock()
+        for window in self._windows.values():
+            if window.pending:
+                self._publish(window.flush(now))
+
+    def _publish(self, batch: Batch) -> None:
+        self._metrics.batches.labels(batch.channel).inc()
+        self._sink.publish(batch)
+
+    def _bad_payload(self, channel: str, reason: str, payload: str) -> None:
+        self._metrics.bad_payloads.labels(channel).inc()
+        self._bad_since_log += 1
+        now = self._clock()
+        if now - self._last_bad_log >= 10:  # at most one log line per 10 s, with the count since the last
+            log.warning(
+                "coalescer.bad_payload", channel=channel, reason=reason, payload=payload[:200],
+                dropped_since_last_log=self._bad_since_log,
+            )
+            self._last_bad_log = now
+            self._bad_since_log = 0

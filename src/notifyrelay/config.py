@@ -1,0 +1,313 @@
+"""Configuration: a TOML file, ``NOTIFYRELAY_*`` environment variables and command-line flags, validated at start.
+
+Precedence is flag > environment > file > default. Validation is msgspec's, so every error names the dotted key;
+this module adds the file or variable it came from. ``config.example.toml`` documents every key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from .exceptions import ConfigError
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+Seconds = Annotated[float, Meta(gt=0)]
+# PostgreSQL truncates identifiers past NAMEDATALEN-1 bytes; a longer channel name would LISTEN on another channel.
+ChannelName = Annotated[str, Meta(min_length=1, max_length=63)]
+
+ENV_PREFIX = "NOTIFYRELAY_"
+ENV_NOT_CONFIG = {"NOTIFYRELAY_CONFIG", "NOTIFYRELAY_TEST_DSN"}
+ENV_ALIASES = {
+    "NOTIFYRELAY_DSN": ("dsn",),
+    "NOTIFYRELAY_DSN_FILE": ("dsn_file",),
+    "NOTIFYRELAY_LISTEN": ("server", "listen"),
+    "NOTIFYRELAY_LOG_LEVEL": ("log", "level"),
+    "NOTIFYRELAY_LOG_FORMAT": ("log", "format"),
+}
+
+
+class _Section(Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    listen: str = "127.0.0.1:8765"
+    allowed_origins: list[str] = []
+    max_connections: PositiveInt = 10000
+    max_subscriptions: PositiveInt = 1000
+    max_message_bytes: Annotated[int, Meta(ge=256)] = 65536
+    max_key_bytes: PositiveInt = 1024
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    compression: bool = False
+    write_high_water_bytes: Annotated[int, Meta(ge=1024)] = 65536
+    stall_timeout_s: Seconds = 30.0
+    max_pending_keys: PositiveInt = 10000
+    ping_interval_s: Seconds = 20.0
+    ping_timeout_s: Seconds = 20.0
+    handshake_timeout_s: Seconds = 10.0
+
+
+class AdminConfig(_Section):
+    listen: str = ""
+
+
+class CoalesceConfig(_Section):
+    window_ms: NonNegativeInt = 200
+    leading_edge: bool = True
+
+
+class ListenerConfig(_Section):
+    heartbeat_interval_s: Seconds = 10.0
+    heartbeat_timeout_s: Seconds = 5.0
+    connect_timeout_s: Seconds = 5.0
+    reconnect_initial_s: Seconds = 0.1
+    reconnect_max_s: Seconds = 10.0
+    queue_size: Annotated[int, Meta(ge=16)] = 100_000
+    application_name: Annotated[str, Meta(min_length=1, max_length=63)] = "notifyrelay"
+
+
+class AuthConfig(_Section):
+    mode: Literal["none", "jwt"] = "none"
+    jwt_secret_file: str = ""
+    jwt_public_key_file: str = ""
+    jwks_file: str = ""
+    audience: str = ""
+    issuer: str = ""
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class ShutdownConfig(_Section):
+    timeout_s: Seconds = 10.0
+
+
+class ChannelConfig(_Section):
+    name: ChannelName
+    key: str = "payload"
+    include_payload: bool = False
+
+    @property
+    def json_field(self) -> str | None:
+        """The JSON field that holds the key, or None when the whole payload is the key."""
+        return self.key[5:] if self.key.startswith("json:") else None
+
+
+class Config(_Section):
+    dsn: str = ""
+    dsn_file: str = ""
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    coalesce: CoalesceConfig = msgspec.field(default_factory=CoalesceConfig)
+    listener: ListenerConfig = msgspec.field(default_factory=ListenerConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    shutdown: ShutdownConfig = msgspec.field(default_factory=ShutdownConfig)
+    channels: list[ChannelConfig] = []
+
+    def channel(self, name: str) -> ChannelConfig | None:
+        return next((c for c in self.channels if c.name == name), None)
+
+
+def parse_listen(value: str, key: str = "server.listen") -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6) into its parts, or raise ConfigError naming ``key``."""
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\[\]]*):(\d{1,5})", value)
+    if not match:
+        raise ConfigError(f"expected HOST:PORT (or [IPv6]:PORT), got {value!r}", key=key)
+    host = match.group(1) or match.group(3) or "0.0.0.0"
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ConfigError(f"port {port} is out of range (0-65535)", key=key)
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced by ``***`` (URL and ``key=value`` forms)."""
+    dsn = re.sub(r"(://[^:/@?]*:)[^@/?]*@", r"\1***@", dsn)
+    dsn = re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", dsn)
+
+
+def _env_value(raw: str) -> Any:
+    """An environment value as TOML would read it (numbers, booleans, arrays), else the plain string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[Any, str]]:
+    overrides: dict[tuple[str, ...], tuple[Any, str]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_CONFIG:
+            continue
+        path = ENV_ALIASES.get(name)
+        if path is None:
+            parts = name[len(ENV_PREFIX) :].lower().split("__")
+            if len(parts) != 2 or not all(parts):
+                raise ConfigError(
+                    "unknown variable; use NOTIFYRELAY_<SECTION>__<KEY>, e.g. NOTIFYRELAY_COALESCE__WINDOW_MS",
+                    source=f"environment variable {name}",
+                )
+            path = (parts[0], parts[1])
+        # Strings stay strings where the field is a string (a DSN is not TOML); the rest is read as TOML.
+        overrides[path] = (raw if path in {("dsn",), ("dsn_file",)} else _env_value(raw), f"environment variable {name}")
+    return overrides
+
+
+def _raise_validation(exc: msgspec.ValidationError, source: str, sources: Mapping[str, str]) -> None:
+    text = str(exc)
+    message, _, where = text.partition(" - at `")
+    key = where.rstrip("`").removeprefix("$").lstrip(".") or None
+    unknown = re.search(r"unknown field `([^`]+)`", message)
+    if unknown:
+        key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+        message = "unknown key"
+    raise ConfigError(message[0].lower() + message[1:], key=key, source=sources.get(key or "", source)) from exc
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read and validate the configuration. ``overrides`` maps dotted keys (``server.listen``) to flag values."""
+    environ = os.environ if environ is None else environ
+    source = str(path) if path else "defaults"
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("configuration file not found", source=source) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the configuration file: {exc}", source=source) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML: {exc}", source=source) from None
+        try:  # the file alone first, so that an error in it is blamed on it
+            msgspec.convert(data, Config)
+        except msgspec.ValidationError as exc:
+            _raise_validation(exc, source, {})
+
+    sources: dict[str, str] = {}
+    layered = dict(_env_overrides(environ))
+    for dotted, value in (overrides or {}).items():
+        layered[tuple(dotted.split("."))] = (value, f"command-line flag for {dotted}")
+    for keys, (value, origin) in layered.items():
+        target = data
+        for part in keys[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError("is not a table", key=part, source=origin)
+        target[keys[-1]] = value
+        sources[".".join(keys)] = origin
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        _raise_validation(exc, source, sources)
+        raise  # pragma: no cover - _raise_validation always raises
+    _check(config, source, sources)
+    return config
+
+
+def _check(config: Config, source: str, sources: Mapping[str, str]) -> None:
+    """Rules that span keys or need more than a type."""
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(message, key=key, source=sources.get(key, source))
+
+    for key, value in (("server.listen", config.server.listen), ("admin.listen", config.admin.listen)):
+        if value:
+            try:
+                parse_listen(value, key)
+            except ConfigError as exc:
+                fail(key, str(exc).removeprefix(f"{key}: "))
+    if not config.channels:
+        fail("channels", "at least one [[channels]] entry is required: the relay forwards only configured channels")
+    seen: set[str] = set()
+    for index, channel in enumerate(config.channels):
+        if channel.name in seen:
+            fail(f"channels[{index}].name", f"channel {channel.name!r} is configured twice")
+        seen.add(channel.name)
+        if len(channel.name.encode()) > 63:
+            fail(f"channels[{index}].name", "PostgreSQL channel names are at most 63 bytes")
+        if channel.key != "payload" and not (channel.key.startswith("json:") and len(channel.key) > 5):
+            fail(f"channels[{index}].key", f'expected "payload" or "json:FIELD", got {channel.key!r}')
+    if config.dsn and config.dsn_file:
+        fail("dsn_file", "set either dsn or dsn_file, not both")
+    if bool(config.server.tls_cert_file) != bool(config.server.tls_key_file):
+        fail("server.tls_key_file", "tls_cert_file and tls_key_file must be set together")
+    if config.listener.heartbeat_timeout_s > config.listener.heartbeat_interval_s * 10:
+        fail("listener.heartbeat_timeout_s", "must not exceed ten heartbeat intervals")
+    if config.listener.reconnect_max_s < config.listener.reconnect_initial_s:
+        fail("listener.reconnect_max_s", "must be at least listener.reconnect_initial_s")
+    if config.auth.mode == "jwt" and not (
+        config.auth.jwt_secret_file or config.auth.jwt_public_key_file or config.auth.jwks_file
+    ):
+        fail("auth.mode", 'mode "jwt" needs auth.jwt_secret_file, auth.jwt_public_key_file or auth.jwks_file')
+
+
+def resolve_dsn(config: Config) -> str:
+    """The DSN to connect with: ``dsn``, else the contents of ``dsn_file``, else "" (libpq's PG* variables)."""
+    if config.dsn_file:
+        try:
+            return Path(config.dsn_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the DSN file: {exc.strerror}", key="dsn_file") from None
+    return config.dsn
+
+
+def to_toml(config: Config) -> str:
+    """The effective configuration as TOML, with the DSN's password redacted."""
+    data = msgspec.to_builtins(config)
+    data["dsn"] = redact_dsn(data["dsn"])
+    lines: list[str] = []
+
+    def scalar(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return repr(value)
+        if isinstance(value, list):
+            return "[" + ", ".join(scalar(v) for v in value) + "]"
+        return msgspec.json.encode(str(value)).decode()
+
+    def table(items: dict[str, Any]) -> None:
+        for key, value in items.items():
+            if not isinstance(value, (dict, list)) or (isinstance(value, list) and not value) or (
+                isinstance(value, list) and not isinstance(value[0], dict)
+            ):
+                lines.append(f"{key} = {scalar(value)}")
+
+    table(data)
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            table(value)
+    for channel in data["channels"]:
+        lines.append("\n[[channels]]")
+        table(channel)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,41 @@
+"""The errors notifyrelay raises on purpose.
+
+    NotifyRelayError
+    ├── ConfigError          bad configuration: names the key and the file; the CLI exits 2
+    └── ProtocolError        a client frame the relay cannot act on: becomes an ``error`` frame
+        └── SubscriptionError  a well-formed subscribe the relay refuses (unknown channel, limits, forbidden)
+
+Anything else that escapes a task is a bug: it is logged at the task boundary and the process exits 1.
+"""
+
+from __future__ import annotations
+
+
+class NotifyRelayError(Exception):
+    """Base of every error notifyrelay raises deliberately."""
+
+
+class ConfigError(NotifyRelayError):
+    """The configuration is invalid. ``key`` is the dotted key, ``source`` the file or environment it came from."""
+
+    def __init__(self, message: str, *, key: str | None = None, source: str | None = None) -> None:
+        self.key = key
+        self.source = source
+        where = ""
+        if key:
+            where += f"{key}: "
+        super().__init__(f"{where}{message}" + (f" (in {source})" if source else ""))
+
+
+class ProtocolError(NotifyRelayError):
+    """A client frame is malformed; ``code`` is one of the documented error codes."""
+
+    def __init__(self, code: str, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+class SubscriptionError(ProtocolError):
+    """A well-formed subscribe that the relay refuses."""

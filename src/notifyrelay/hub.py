@@ -1,0 +1,274 @@
+"""Fan-out: batches, status and resync frames to the websocket clients that follow them.
+
+Each distinct frame is encoded once and written to every client that takes it. Writes never wait for a client:
+while a client's write buffer is above its high-water mark (websockets pauses the connection), its notify frames
+are not queued; their keys are folded into a per-client pending set per channel, bounded by what the client
+follows (or by ``max_pending_keys`` for ``*``), and sent as one catch-up frame when it drains. A client stalled
+longer than ``stall_timeout_s`` is closed with 4000. So one stalled client can neither delay nor bloat the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+from . import protocol
+from .coalescer import Batch
+from .config import ServerConfig
+from .exceptions import SubscriptionError
+from .metrics import Metrics
+from .protocol import Subscribe, Unsubscribe
+from .subscriptions import SubscriptionIndex, TooManySubscriptions
+
+log = structlog.get_logger("notifyrelay.hub")
+
+_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class Deferred:
+    """Keys a stalled client has not been sent yet on one channel, folded like a window (last payload wins)."""
+
+    seq: int
+    keys: dict[str, Any] = field(default_factory=dict)
+    with_payloads: bool = False
+
+
+class Client:
+    """One websocket connection as the hub sees it."""
+
+    __slots__ = ("connection", "id", "grants", "deferred", "lagged", "stalled_since", "catch_up", "__weakref__")
+
+    def __init__(self, connection: ServerConnection, grants: dict[str, frozenset[str] | None] | None = None) -> None:
+        self.connection = connection
+        self.id = next(_ids)
+        # None: may follow anything. Else channel -> allowed keys, None meaning every key (auth mode jwt).
+        self.grants = grants
+        self.deferred: dict[str, Deferred] = {}
+        self.lagged: dict[str, datetime] = {}  # channels whose deferred keys passed the bound: resync instead
+        self.stalled_since: float | None = None
+        self.catch_up: asyncio.Task[None] | None = None
+
+    def write(self, frame: bytes) -> bool:
+        """Write a text frame now, without waiting for the peer; False when the connection is not open."""
+        connection = self.connection
+        if connection.protocol.state is not State.OPEN:
+            return False
+        try:
+            connection.protocol.send_text(frame)
+            connection.send_data()
+        except Exception:  # the transport is going away; its handler will notice and clean up
+            return False
+        return True
+
+
+class Hub:
+    """Clients, their subscriptions, and the fan-out of everything the relay tells them."""
+
+    def __init__(self, settings: ServerConfig, channels: Iterable[str], metrics: Metrics) -> None:
+        self.settings = settings
+        self.channels = list(channels)
+        self.index: SubscriptionIndex[Client] = SubscriptionIndex()
+        self.clients: set[Client] = set()
+        self.listener_is_up = False
+        self._metrics = metrics
+        self._sent = {kind: metrics.messages_sent.labels(kind) for kind in ("notify", "status", "resync")}
+        self._bytes = {kind: metrics.bytes_sent.labels(kind) for kind in ("notify", "status", "resync")}
+
+    # Clients and subscriptions.
+
+    def add(self, client: Client) -> None:
+        self.clients.add(client)
+        self._metrics.clients.set(len(self.clients))
+
+    def remove(self, client: Client) -> None:
+        channels = self.index.channels_of(client)
+        self.index.remove(client)
+        self.clients.discard(client)
+        if client.catch_up is not None:
+            client.catch_up.cancel()
+        self._metrics.clients.set(len(self.clients))
+        for channel in channels:
+            self._metrics.subscriptions.labels(channel).set(self.index.channel_count(channel))
+
+    def subscribe(self, client: Client, command: Subscribe) -> None:
+        """Apply a subscribe, or raise SubscriptionError with the code the client is told."""
+        self._check_channel(command.channel, command.id)
+        if client.grants is not None:
+            allowed = client.grants.get(command.channel, frozenset())
+            if allowed is not None and not all(key in allowed for key in command.keys):
+                raise SubscriptionError(
+                    "forbidden", f"your token does not allow following these keys on {command.channel!r}",
+                    request_id=command.id,
+                )
+        try:
+            self.index.subscribe(client, command.channel, command.keys, limit=self.settings.max_subscriptions)
+        except TooManySubscriptions as exc:
+            raise SubscriptionError("too_many_subscriptions", str(exc), request_id=command.id) from None
+        self._metrics.subscriptions.labels(command.channel).set(self.index.channel_count(command.channel))
+
+    def unsubscribe(self, client: Client, command: Unsubscribe) -> None:
+        self._check_channel(command.channel, command.id)
+        self.index.unsubscribe(client, command.channel, command.keys)
+        self._metrics.subscriptions.labels(command.channel).set(self.index.channel_count(command.channel))
+
+    def _check_channel(self, channel: str, request_id: str | None) -> None:
+        if channel not in self.channels:
+            raise SubscriptionError(
+                "unknown_channel",
+                f"channel {channel[:64]!r} is not relayed here; relayed channels: {', '.join(self.channels)}",
+                request_id=request_id,
+            )
+
+    def set_channels(self, channels: Iterable[str]) -> None:
+        """Adopt a new channel list (reload); subscribers of a removed channel are told with an error frame."""
+        self.channels = list(channels)
+        for channel in self.index.channels():
+            if channel in self.channels:
+                continue
+            for client in self.index.drop_channel(channel):
+                client.deferred.pop(channel, None)
+                client.lagged.pop(channel, None)
+                client.write(
+                    protocol.error("unknown_channel", f"channel {channel!r} is no longer relayed; unsubscribed")
+                )
+            self._metrics.subscriptions.labels(channel).set(0)
+
+    # Fan-out (the coalescer's BatchSink).
+
+    def publish(self, batch: Batch) -> None:
+        wildcard, partial = self.index.route(batch.channel, batch.keys)
+        if not wildcard and not partial:
+            return
+        everything = list(wildcard)
+        groups: dict[tuple[str, ...], list[Client]] = {}
+        for client, keys in partial.items():
+            if len(keys) == len(batch.keys):
+                everything.append(client)
+            else:
+                groups.setdefault(tuple(keys), []).append(client)
+        if everything:
+            self._deliver(everything, batch, batch.keys)
+        for keys, clients in groups.items():
+            self._deliver(clients, batch, list(keys))
+        now = time.monotonic()
+        observe = self._metrics.delivery_latency.observe
+        for received in batch.received_at:
+            observe(now - received)
+
+    def _deliver(self, clients: list[Client], batch: Batch, keys: list[str]) -> None:
+        frame = protocol.notify(batch.channel, batch.seq, keys, batch.payloads)
+        written = 0
+        for client in clients:
+            if client.stalled_since is not None or client.connection.paused:
+                self._defer(client, batch, keys)
+            elif client.write(frame):
+                written += 1
+        self._sent["notify"].inc(written)
+        self._bytes["notify"].inc(written * len(frame))
+
+    def _defer(self, client: Client, batch: Batch, keys: list[str]) -> None:
+        if client.stalled_since is None:
+            client.stalled_since = time.monotonic()
+            self._metrics.slow_clients.inc()
+            log.info("hub.client_stalled", client=client.id, remote=_remote(client))
+            client.catch_up = asyncio.get_running_loop().create_task(self._catch_up(client))
+        if batch.channel in client.lagged:
+            return
+        deferred = client.deferred.get(batch.channel)
+        if deferred is None:
+            deferred = client.deferred[batch.channel] = Deferred(batch.seq, with_payloads=batch.payloads is not None)
+        deferred.seq = batch.seq
+        payloads = batch.payloads
+        for key in keys:
+            deferred.keys[key] = payloads[key] if payloads is not None else None
+        if len(deferred.keys) > self.settings.max_pending_keys:
+            # Only a "*" follower of a busy channel gets here: keep no keys, tell it to refetch when it drains.
+            del client.deferred[batch.channel]
+            client.lagged[batch.channel] = datetime.now(UTC)
+
+    async def _catch_up(self, client: Client) -> None:
+        """Wait for a stalled client to drain, then send what it missed as one frame per channel."""
+        connection = client.connection
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.settings.stall_timeout_s):
+                        await connection.drain()
+                except TimeoutError:
+                    self._metrics.slow_client_disconnects.inc()
+                    log.warning("hub.client_too_slow", client=client.id, stall_timeout_s=self.settings.stall_timeout_s)
+                    client.deferred.clear()
+                    client.lagged.clear()
+                    await connection.close(
+                        protocol.CLOSE_SLOW_CLIENT, f"too slow: stalled over {self.settings.stall_timeout_s:g}s"
+                    )
+                    return
+                now = datetime.now(UTC)
+                lagged, client.lagged = client.lagged, {}
+                deferred, client.deferred = client.deferred, {}
+                for channel, since in lagged.items():
+                    self._write(client, "resync", protocol.resync(channel, "slow_client", since, now))
+                for channel, keys in deferred.items():
+                    payloads = keys.keys if keys.with_payloads else None
+                    self._write(client, "notify", protocol.notify(channel, keys.seq, keys.keys, payloads))
+                if not connection.paused:
+                    client.stalled_since = None
+                    log.info("hub.client_caught_up", client=client.id)
+                    return
+        except (ConnectionClosed, ConnectionError):
+            return
+        finally:
+            client.catch_up = None
+
+    def _write(self, client: Client, kind: str, frame: bytes) -> None:
+        if client.write(frame):
+            self._sent[kind].inc()
+            self._bytes[kind].inc(len(frame))
+
+    def _broadcast(self, clients: Iterable[Client], kind: str, frame: bytes) -> None:
+        written = sum(1 for client in clients if client.write(frame))
+        self._sent[kind].inc(written)
+        self._bytes[kind].inc(written * len(frame))
+
+    def resync(self, channel: str, reason: str, gap_start: datetime, gap_end: datetime) -> None:
+        """Tell every subscriber of a channel to refetch: notifications may have been missed."""
+        subscribers = self.index.subscribers(channel)
+        if subscribers:
+            self._broadcast(subscribers, "resync", protocol.resync(channel, reason, gap_start, gap_end))
+
+    # The listener's observer.
+
+    def listener_down(self) -> None:
+        self.listener_is_up = False
+        self._broadcast(self.clients, "status", protocol.status(False))
+
+    def listener_up(self, channels: list[str], gap_start: datetime, gap_end: datetime, reason: str) -> None:
+        # Order matters to clients: resync for every channel first, then status up.
+        for channel in channels:
+            self.resync(channel, reason, gap_start, gap_end)
+        self.listener_is_up = True
+        self._broadcast(self.clients, "status", protocol.status(True))
+
+    async def close_all(self, code: int, reason: str) -> None:
+        """Close every client with ``code`` and wait (bounded by the connections' close timeout)."""
+        clients = list(self.clients)
+        await asyncio.gather(*(c.connection.close(code, reason) for c in clients), return_exceptions=True)
+
+
+def _remote(client: Client) -> str:
+    try:
+        host, port = client.connection.remote_address[:2]
+        return f"{host}:{port}"
+    except (TypeError, ValueError):
+        return "?"

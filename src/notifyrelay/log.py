@@ -1,0 +1,86 @@
+"""Structured logging: JSON lines when stderr is not a terminal, readable console output when it is.
+
+Event names are dotted and stable (``listener.reconnect_scheduled``). The stdlib loggers of asyncpg and websockets
+go through the same pipeline. Secrets (the DSN's password, tokens) are scrubbed from every line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+_secrets: set[str] = set()
+_DSN_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s/]*@")
+_KV_PASSWORD = re.compile(r"(?i)(password\s*=\s*)\S+")
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+_QUERY_TOKEN = re.compile(r"(?i)([?&]token=)[^&\s\"]+")
+
+
+def register_secret(secret: str) -> None:
+    """Never print this string (a password, a token) in any log line."""
+    if secret and len(secret) >= 4:
+        _secrets.add(secret)
+
+
+def scrub(text: str) -> str:
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    text = _DSN_PASSWORD.sub(r"\1***@", text)
+    text = _KV_PASSWORD.sub(r"\1***", text)
+    text = _BEARER.sub(r"\1***", text)
+    return _QUERY_TOKEN.sub(r"\1***", text)
+
+
+def _scrub_event(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[key] = scrub(value)
+        elif isinstance(value, BaseException):
+            event_dict[key] = scrub(str(value))
+    return event_dict
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", *, stream: Any = None) -> None:
+    """Set up structlog and route the stdlib loggers (asyncpg, websockets, tenacity) through it."""
+    stream = stream or sys.stderr
+    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        _scrub_event,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared[:-2] + [structlog.stdlib.ExtraAdder(), _scrub_event],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """Change the level live (SIGHUP reload). Libraries stay one notch quieter: their info is per-connection noise."""
+    numeric = logging.getLevelName(level.upper())
+    logging.getLogger().setLevel(numeric)
+    for noisy in ("websockets", "asyncpg", "tenacity"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))

@@ -1,0 +1,92 @@
+"""Prometheus metrics, all prefixed ``notifyrelay_``. Labels are low-cardinality: channel, frame type, code; never key.
+
+Each relay owns its registry, so several relays (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+from . import __version__
+
+# The *_created series double the exposition for no operator benefit.
+disable_created_metrics()
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Every metric the relay exports, on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        p = "notifyrelay_"
+        self.build_info = Gauge(f"{p}build_info", "Always 1; the version is a label.", ["version"], registry=r)
+        self.build_info.labels(__version__).set(1)
+        # Ingest and coalescing.
+        self.notifications_received = Counter(
+            f"{p}notifications_received", "Notifications taken off the LISTEN connection.", ["channel"], registry=r
+        )
+        self.notifications_coalesced = Counter(
+            f"{p}notifications_coalesced", "Notifications folded into a key already pending.", ["channel"], registry=r
+        )
+        self.batches = Counter(f"{p}batches", "Batches flushed.", ["channel"], registry=r)
+        self.bad_payloads = Counter(
+            f"{p}bad_payloads", "Notifications dropped because no key could be taken from them.", ["channel"],
+            registry=r,
+        )
+        self.ingest_queue_depth = Gauge(f"{p}ingest_queue_depth", "Notifications waiting to be coalesced.", registry=r)
+        self.ingest_overflows = Counter(
+            f"{p}ingest_overflows", "Times a channel lost notifications to a full ingest queue.", ["channel"],
+            registry=r,
+        )
+        # Listener.
+        self.listener_up = Gauge(f"{p}listener_up", "1 while every channel is LISTENed on a live connection.", registry=r)
+        self.listener_reconnects = Counter(f"{p}listener_reconnects", "Reconnects after a lost connection.", registry=r)
+        self.listener_connect_failures = Counter(
+            f"{p}listener_connect_failures", "Failed attempts to connect and LISTEN.", registry=r
+        )
+        self.listener_last_heartbeat = Gauge(
+            f"{p}listener_last_heartbeat_timestamp_seconds", "Unix time of the last heartbeat that came back.",
+            registry=r,
+        )
+        self.listener_gap_seconds = Histogram(
+            f"{p}listener_gap_seconds", "From the last proof of listening to LISTEN in force again, per loss.",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=r,
+        )
+        self.heartbeat_seconds = Histogram(
+            f"{p}heartbeat_seconds", "Round trip of the listener's self-NOTIFY heartbeat.",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5), registry=r,
+        )
+        self.pg_notification_queue_usage = Gauge(
+            f"{p}pg_notification_queue_usage", "pg_notification_queue_usage() sampled on each heartbeat (0-1).",
+            registry=r,
+        )
+        # Clients.
+        self.clients = Gauge(f"{p}clients", "Connected websocket clients.", registry=r)
+        self.subscriptions = Gauge(f"{p}subscriptions", "Subscriptions (key or *) held.", ["channel"], registry=r)
+        self.connections_opened = Counter(f"{p}connections_opened", "Websocket connections accepted.", registry=r)
+        self.connections_closed = Counter(
+            f"{p}connections_closed", "Websocket connections closed, by close code.", ["code"], registry=r
+        )
+        self.handshake_rejections = Counter(
+            f"{p}handshake_rejections", "Upgrade requests refused before the websocket opened.", ["reason"],
+            registry=r,
+        )
+        self.client_errors = Counter(f"{p}client_errors", "Error frames sent, by code.", ["code"], registry=r)
+        self.messages_sent = Counter(f"{p}messages_sent", "Frames written to clients.", ["type"], registry=r)
+        self.bytes_sent = Counter(f"{p}bytes_sent", "Payload bytes of frames written to clients.", ["type"], registry=r)
+        self.slow_clients = Counter(
+            f"{p}slow_clients", "Times a client's write buffer passed its high-water mark.", registry=r
+        )
+        self.slow_client_disconnects = Counter(
+            f"{p}slow_client_disconnects", "Clients closed for staying stalled past stall_timeout_s.", registry=r
+        )
+        self.delivery_latency = Histogram(
+            f"{p}delivery_latency_seconds", "From a notification's receipt to its batch's frames being written.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
