@@ -5,14 +5,26 @@ Each relay owns its registry, so several relays (tests) can live in one process.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from . import __version__
 
 # The *_created series double the exposition for no operator benefit.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 1.0, 2.5, 5.0)
+# Commit to delivery also spans the database's commit and the network, and clocks on two hosts: a wider range.
+COMMIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Metrics:
@@ -22,6 +34,10 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         p = "notifyrelay_"
+        # process_* (CPU, memory, file descriptors) and python_* (GC, version), as the default registry has them.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.build_info = Gauge(f"{p}build_info", "Always 1; the version is a label.", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
         # Ingest and coalescing.
@@ -42,7 +58,9 @@ class Metrics:
             registry=r,
         )
         # Listener.
-        self.listener_up = Gauge(f"{p}listener_up", "1 while every channel is LISTENed on a live connection.", registry=r)
+        self.listener_up = Gauge(
+            f"{p}listener_up", "1 while every channel is LISTENed on a live connection.", registry=r
+        )
         self.listener_reconnects = Counter(f"{p}listener_reconnects", "Reconnects after a lost connection.", registry=r)
         self.listener_connect_failures = Counter(
             f"{p}listener_connect_failures", "Failed attempts to connect and LISTEN.", registry=r
@@ -87,6 +105,19 @@ class Metrics:
             f"{p}delivery_latency_seconds", "From a notification's receipt to its batch's frames being written.",
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.commit_to_delivery = Histogram(
+            f"{p}commit_to_delivery_seconds",
+            "From the commit timestamp a JSON payload carries (channel commit_time_field) to its frames being written.",
+            ["channel"], buckets=COMMIT_BUCKETS, registry=r,
+        )
+
+    def declare_channel(self, channel: str, *, commit_time: bool = False) -> None:
+        """Create a channel's series at zero, so that rate() and alerts see them before its first notification."""
+        for family in (self.notifications_received, self.notifications_coalesced, self.batches, self.bad_payloads,
+                       self.ingest_overflows, self.subscriptions):
+            family.labels(channel)
+        if commit_time:
+            self.commit_to_delivery.labels(channel)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
