@@ -1,7 +1,24 @@
--- notifyrelay: install the trigger function (idempotent: running it again is harmless).
+-- notifyrelay: install the trigger function (idempotent: running it again is harmless). SQL version 1.
+-- Versioned: notifyrelay.version() returns the installed version; a later install.sql upgrades in place, and this
+-- one refuses to replace a newer version.
 -- Usage: psql "$DSN" -v ON_ERROR_STOP=1 -f sql/install.sql   (or: notifyrelay sql install --dsn "$DSN")
 
 CREATE SCHEMA IF NOT EXISTS notifyrelay;
+
+-- Refuse to downgrade: a newer install.sql may have created things this one does not know about.
+DO $$
+DECLARE
+    installed integer;
+BEGIN
+    IF to_regprocedure('notifyrelay.version()') IS NOT NULL THEN
+        EXECUTE 'SELECT notifyrelay.version()' INTO installed;
+        IF installed > 1 THEN
+            RAISE EXCEPTION 'notifyrelay SQL version % is installed; this install.sql is version 1 (older)', installed
+                USING HINT = 'Use the install.sql of the notifyrelay release that installed it, or uninstall first.';
+        END IF;
+    END IF;
+END
+$$;
 
 COMMENT ON SCHEMA notifyrelay IS 'notifyrelay: NOTIFY helpers for the notifyrelay daemon (sql version 1)';
 

@@ -1,4 +1,4 @@
-"""The ``notifyrelay`` command: run, check-config, watch, demo, --version.
+"""The ``notifyrelay`` command: run, check-config, watch, demo, sql, --version.
 
 Exit status: 0 after a clean shutdown, 2 for a usage or configuration error, 1 for anything unexpected.
 """
@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="an embedded PostgreSQL, a simulated worker and the relay, in one go")
     demo.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8765")
+
+    sql = commands.add_parser("sql", help="print, install or uninstall the SQL in sql/ (trigger function, examples)")
+    sql.add_argument("action", choices=["print", "install", "uninstall"])
+    sql.add_argument("--dsn", help="PostgreSQL DSN (default: $NOTIFYRELAY_DSN, $NOTIFYRELAY_DSN_FILE, PG* variables)")
+    sql.add_argument("--example", action="append", default=[], metavar="NAME",
+                     help="also apply sql/examples/NAME.sql (e.g. activities); repeat it, in order")
     return parser
 
 
@@ -66,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(args.config)
             sys.stdout.write(to_toml(config))
             return EXIT_OK
+        if args.command == "sql":
+            from .sqlcmd import run_sql_command
+
+            return run_sql_command(args)
         if args.command == "watch":
             from .watch import watch
 
