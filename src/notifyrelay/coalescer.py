@@ -7,6 +7,7 @@ drains the ingest queue, feeds the windows and hands each batch to the sink (the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,13 +32,17 @@ class BadPayload(ValueError):
 
 @dataclass(slots=True)
 class Batch:
-    """Keys of one channel flushed together. ``received_at[i]`` is when ``keys[i]`` was first seen (monotonic)."""
+    """Keys of one channel flushed together. ``received_at[i]`` is when ``keys[i]`` was first seen (monotonic).
+
+    ``committed_at`` holds the commit timestamps (Unix seconds) of the folded notifications that carried one.
+    """
 
     channel: str
     seq: int
     keys: list[str]
     payloads: dict[str, Any] | None
     received_at: list[float] = field(default_factory=list)
+    committed_at: list[float] = field(default_factory=list)
 
 
 class KeyExtractor:
@@ -45,10 +50,20 @@ class KeyExtractor:
 
     def __init__(self, channel: ChannelConfig) -> None:
         self.field = channel.json_field
+        self.commit_time_field = channel.commit_time_field
 
     def __call__(self, payload: str) -> tuple[str, Any]:
+        key, value, _ = self.extract(payload)
+        return key, value
+
+    def extract(self, payload: str) -> tuple[str, Any, float | None]:
+        """The key, the value a notify frame carries, and the commit time (Unix seconds) when configured and given."""
         if self.field is None:
-            return payload, payload
+            committed = None
+            if self.commit_time_field:
+                with contextlib.suppress(msgspec.DecodeError, RecursionError):  # then it carries no commit time
+                    committed = _commit_time(_json_decode(payload), self.commit_time_field)
+            return payload, payload, committed
         try:
             document = _json_decode(payload)
         except (msgspec.DecodeError, RecursionError):
@@ -58,8 +73,25 @@ class KeyExtractor:
         key = document[self.field]
         if isinstance(key, bool) or not isinstance(key, (str, int)):
             raise BadPayload(f"field {self.field!r} is neither a string nor an integer")
+        committed = _commit_time(document, self.commit_time_field) if self.commit_time_field else None
         # The payload is valid JSON: pass it through as raw bytes instead of re-encoding it per frame.
-        return (key if isinstance(key, str) else str(key)), msgspec.Raw(payload.encode())
+        return (key if isinstance(key, str) else str(key)), msgspec.Raw(payload.encode()), committed
+
+
+def _commit_time(document: Any, field_name: str) -> float | None:
+    """A commit timestamp as Unix seconds: a number as is, an ISO 8601 string (UTC when it has no offset)."""
+    value = document.get(field_name) if isinstance(document, dict) else None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    return None
 
 
 class ChannelWindow:
@@ -79,17 +111,22 @@ class ChannelWindow:
         self.last_flush = float("-inf")
         self._pending: dict[str, Any] = {}  # dicts keep first-insertion order, and assignment keeps the last value
         self._first_seen: list[float] = []
+        self._committed: list[float] = []
         self._opened_at = 0.0
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
-    def add(self, key: str, value: Any, now: float, received: float | None = None) -> Batch | None:
+    def add(
+        self, key: str, value: Any, now: float, received: float | None = None, committed: float | None = None
+    ) -> Batch | None:
         """Fold one notification in; return a batch when it must go out immediately.
 
-        ``now`` drives the window; ``received`` (default ``now``) is only kept for the latency metric.
+        ``now`` drives the window; ``received`` (default ``now``) and ``committed`` are only kept for the metrics.
         """
+        if committed is not None:
+            self._committed.append(committed)
         if key not in self._pending:
             if not self._pending:
                 self._opened_at = now
@@ -117,9 +154,11 @@ class ChannelWindow:
             keys=list(self._pending),
             payloads=self._pending if self.with_payloads else None,
             received_at=self._first_seen,
+            committed_at=self._committed,
         )
         self._pending = {}
         self._first_seen = []
+        self._committed = []
         return batch
 
 
@@ -177,6 +216,7 @@ class Coalescer:
                 window.seq = old_seq
                 self._windows[name] = window
             self._extractors[name] = KeyExtractor(channel)
+            self._metrics.declare_channel(name, commit_time=bool(channel.commit_time_field))
 
     async def run(self) -> None:
         """Run until cancelled."""
@@ -197,12 +237,12 @@ class Coalescer:
                 continue
             self._metrics.notifications_received.labels(channel).inc()
             try:
-                key, value = self._extractors[channel](payload)
+                key, value, committed = self._extractors[channel].extract(payload)
             except BadPayload as exc:
                 self._bad_payload(channel, str(exc), payload)
                 continue
             pending_before = window.pending
-            batch = window.add(key, value, now, received)
+            batch = window.add(key, value, now, received, committed)
             if batch is not None:
                 self._publish(batch)
             elif window.pending == pending_before:

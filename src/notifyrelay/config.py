@@ -56,6 +56,10 @@ class ServerConfig(_Section):
     ping_interval_s: Seconds = 20.0
     ping_timeout_s: Seconds = 20.0
     handshake_timeout_s: Seconds = 10.0
+    # Client frames: a token bucket per connection refilled at rate_limit_per_s, holding rate_limit_burst. A frame
+    # finding it empty is answered rate_limited; 3 x rate_limit_burst refused before it refills closes with 1008.
+    rate_limit_per_s: Annotated[float, Meta(gt=0)] = 20.0
+    rate_limit_burst: PositiveInt = 100
 
 
 class AdminConfig(_Section):
@@ -99,6 +103,9 @@ class ChannelConfig(_Section):
     name: ChannelName
     key: str = "payload"
     include_payload: bool = False
+    # A JSON payload field holding when the change was committed (Unix seconds, or ISO 8601; no offset means UTC):
+    # feeds notifyrelay_commit_to_delivery_seconds. Empty: not measured.
+    commit_time_field: str = ""
 
     @property
     def json_field(self) -> str | None:

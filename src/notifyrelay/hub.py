@@ -165,6 +165,11 @@ class Hub:
         observe = self._metrics.delivery_latency.observe
         for received in batch.received_at:
             observe(now - received)
+        if batch.committed_at:
+            # Wall clock against the database's: skew between the hosts shows here, so clamp it at zero.
+            wall, since_commit = time.time(), self._metrics.commit_to_delivery.labels(batch.channel).observe
+            for committed in batch.committed_at:
+                since_commit(max(0.0, wall - committed))
 
     def _deliver(self, clients: list[Client], batch: Batch, keys: list[str]) -> None:
         frame = protocol.notify(batch.channel, batch.seq, keys, batch.payloads)
