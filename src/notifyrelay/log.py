@@ -10,6 +10,7 @@ import logging
 import re
 import sys
 from typing import Any
+from urllib.parse import unquote
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
@@ -22,9 +23,10 @@ _QUERY_TOKEN = re.compile(r"(?i)([?&]token=)[^&\s\"]+")
 
 
 def register_secret(secret: str) -> None:
-    """Never print this string (a password, a token) in any log line."""
-    if secret and len(secret) >= 4:
-        _secrets.add(secret)
+    """Never print this string (a password, a token) in any log line, nor its percent-decoded form (from a URL)."""
+    for form in (secret, unquote(secret)):
+        if form and len(form) >= 4:
+            _secrets.add(form)
 
 
 def scrub(text: str) -> str:
@@ -37,12 +39,22 @@ def scrub(text: str) -> str:
     return _QUERY_TOKEN.sub(r"\1***", text)
 
 
+def _scrub_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, BaseException):
+        return scrub(str(value))
+    if isinstance(value, dict):
+        return {key: _scrub_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_scrub_value(item) for item in value]
+    return value
+
+
 def _scrub_event(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     for key, value in event_dict.items():
-        if isinstance(value, str):
-            event_dict[key] = scrub(value)
-        elif isinstance(value, BaseException):
-            event_dict[key] = scrub(str(value))
+        if not key.startswith("_"):  # structlog's own bookkeeping (_record, _from_structlog) stays as is
+            event_dict[key] = _scrub_value(value)
     return event_dict
 
 
@@ -68,7 +80,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, stream: Any = N
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared[:-2] + [structlog.stdlib.ExtraAdder(), _scrub_event],
+        # Library records get the same chain: their exceptions rendered to text (then scrubbed), not repr'd tuples.
+        foreign_pre_chain=[*shared[:-2], structlog.stdlib.ExtraAdder(), *shared[-2:]],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = logging.StreamHandler(stream)
