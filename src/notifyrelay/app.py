@@ -21,6 +21,7 @@ from .health import Readiness
 from .hub import Hub
 from .listener import IngestQueue, Listener
 from .metrics import Metrics
+from .sdnotify import ListenerStatusReporter, SystemdNotifier
 from .server import RelayServer
 
 log = structlog.get_logger("notifyrelay.app")
@@ -47,7 +48,10 @@ class Relay:
         self.metrics.ingest_queue_depth.set_function(lambda: len(self.queue))
         self.hub = Hub(config.server, names, self.metrics)
         self.coalescer = Coalescer(config.channels, config.coalesce, self.queue, self.hub, self.metrics)
-        self.listener = Listener(dsn, names, config.listener, self.queue, self.hub, self.metrics)
+        # systemd (Type=notify) hears READY=1 when the listener is first up, STATUS= on every change after.
+        self.systemd = SystemdNotifier.from_environ()
+        reporter = ListenerStatusReporter(self.hub, self.systemd)
+        self.listener = Listener(dsn, names, config.listener, self.queue, reporter, self.metrics)
         settings = config.listener
         self.readiness = Readiness(
             self.listener, heartbeat_deadline_s=settings.heartbeat_interval_s + settings.heartbeat_timeout_s + 5
@@ -69,6 +73,7 @@ class Relay:
                 stages = [
                     group.create_task(self.listener.run(), name="listener"),
                     group.create_task(self.coalescer.run(), name="coalescer"),
+                    group.create_task(self.systemd.watchdog(), name="watchdog"),
                 ]
                 self.started.set()
                 await self._stop.wait()
@@ -78,10 +83,12 @@ class Relay:
         finally:
             await self.listener.close()
             await self.server.close()
+            self.systemd.close()
         log.info("relay.stopped")
 
     async def _shutdown(self) -> None:
         timeout = self.config.shutdown.timeout_s
+        self.systemd.stopping(f"shutting down: closing {len(self.hub.clients)} client(s)")
         log.info("relay.shutting_down", timeout_s=timeout, clients=len(self.hub.clients))
         # 1. Stop being ready, so that load balancers stop sending new clients.
         self.readiness.shutting_down = True
@@ -100,6 +107,13 @@ class Relay:
 
     async def reload(self) -> bool:
         """Re-read the configuration file (SIGHUP) and apply what can change live; keep the old one if invalid."""
+        self.systemd.reloading()
+        try:
+            return await self._reload()
+        finally:
+            self.systemd.reloaded(f"relaying {len(self.hub.channels)} channel(s): configuration reloaded")
+
+    async def _reload(self) -> bool:
         try:
             new = load_config(self.config_path, overrides=self.overrides)
         except ConfigError as exc:
