@@ -22,6 +22,16 @@ from . import __version__
 # The *_created series double the exposition for no operator benefit.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
+# The [server] limits, each counted by its own metric: config key -> (metric name, help).
+LIMITS = {
+    "max_connections": ("connection_limit_rejections", "Connections refused (503 or 1013) at server.max_connections."),
+    "max_subscriptions": ("subscription_limit_rejections", "Subscribes refused past server.max_subscriptions."),
+    "max_message_bytes": ("oversized_frames", "Connections closed (1009) for a frame over server.max_message_bytes."),
+    "max_key_bytes": ("oversized_keys", "Frames refused for a key over server.max_key_bytes."),
+    "rate_limit": ("rate_limited_frames", "Client frames dropped by the per-connection rate limit."),
+    "handshake_timeout_s": ("handshake_timeouts", "Opening handshakes not finished within server.handshake_timeout_s."),
+    "ping_timeout_s": ("keepalive_timeouts", "Connections closed (1011) for no pong within server.ping_timeout_s."),
+}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 1.0, 2.5, 5.0)
 # Commit to delivery also spans the database's commit and the network, and clocks on two hosts: a wider range.
 COMMIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -100,6 +110,17 @@ class Metrics:
         )
         self.slow_client_disconnects = Counter(
             f"{p}slow_client_disconnects", "Clients closed for staying stalled past stall_timeout_s.", registry=r
+        )
+        # Limits and authentication (docs/security.md): one counter per [server] limit, keyed by that limit's name.
+        self.limit_hits: dict[str, Counter] = {
+            limit: Counter(f"{p}{name}", help_text, registry=r) for limit, (name, help_text) in LIMITS.items()
+        }
+        self.auth_failures = Counter(
+            f"{p}auth_failures", "Upgrade requests refused with 401, by reason (missing, expired, signature, ...).",
+            ["reason"], registry=r,
+        )
+        self.token_expirations = Counter(
+            f"{p}token_expirations", "Connections closed (4001) because their token expired.", registry=r
         )
         self.delivery_latency = Histogram(
             f"{p}delivery_latency_seconds", "From a notification's receipt to its batch's frames being written.",

@@ -1,8 +1,11 @@
 """The websocket endpoint ``/ws`` and the HTTP probes, on the websockets asyncio server.
 
-Plain HTTP requests (probes, metrics, 404s) are answered in ``process_request`` before any handshake. Each
+Plain HTTP requests (probes, metrics, 404s) are answered in ``process_request`` before any handshake, and so are
+refusals: a foreign Origin (403), a missing or invalid token in auth mode jwt (401), a full house (503). Each
 websocket connection gets a welcome, may subscribe from its query string, and then sends frames that are answered
-with ack, pong or error frames; a bad frame never closes the connection unless docs/protocol.md says so.
+with ack, pong or error frames; a bad frame never closes the connection unless docs/protocol.md says so. The
+limits of docs/security.md are enforced here: frame rate (token bucket), frame size (websockets' max_size, 1009),
+token expiry (4001), and each limit hit is counted by its own metric (metrics.LIMITS).
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -19,10 +24,13 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from . import protocol
-from .config import Config, parse_listen
+from .auth import Authenticator, AuthError, Grant, find_token
+from .config import Config, is_loopback, parse_listen
 from .exceptions import ProtocolError
 from .health import Readiness
 from .hub import Client, Hub
@@ -50,6 +58,56 @@ def query_subscriptions(path: str, *, max_key_bytes: int) -> Iterator[Subscribe]
         yield Subscribe(channel=channel, keys=wanted)
 
 
+class RateLimit:
+    """A token bucket for one connection's frames: ``rate_per_s`` a second, bursts of ``burst``.
+
+    ``strikes`` counts frames refused since the bucket was last full, so a client that keeps pushing past the rate
+    (even at a steady 2x) accumulates them, while one that bursts now and then is forgiven once it pauses.
+    """
+
+    __slots__ = ("burst", "rate_per_s", "strikes", "tokens", "updated")
+
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.tokens = float(burst)
+        self.updated = time.monotonic()
+        self.strikes = 0
+
+    def take(self) -> bool:
+        """Spend a token for one frame; False when there is none left."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_s)
+        self.updated = now
+        if self.tokens >= self.burst:
+            self.strikes = 0
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.strikes += 1
+        return False
+
+
+class RelayConnection(ServerConnection):
+    """A server connection that carries what the handshake learnt: the token's grant and subprotocol."""
+
+    limit_hits: Any = None  # set on the per-server subclass made in RelayServer.start
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.grant: Grant | None = None
+        self.token_subprotocol: str | None = None
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        except asyncio.CancelledError:
+            # serve() enforces open_timeout by cancelling the handshake: the peer did not finish it in time.
+            if self.limit_hits is not None:
+                self.limit_hits["handshake_timeout_s"].inc()
+            raise
+
+
 class RelayServer:
     """Serves /ws (and the probes, unless ``[admin] listen`` moves them to their own address)."""
 
@@ -58,6 +116,8 @@ class RelayServer:
         self.hub = hub
         self.readiness = readiness
         self.metrics = metrics
+        # Keys are read and checked now, so that a bad [auth] setting stops the start (exit 2) naming its key.
+        self.authenticator = Authenticator.from_config(config.auth)
         self._servers: list[Server] = []
         self.ws_server: Server | None = None
         self.admin_server: Server | None = None
@@ -91,11 +151,19 @@ class RelayServer:
         host, port = parse_listen(settings.listen)
         tls = _tls_context(settings.tls_cert_file, settings.tls_key_file)
         admin = self.config.admin.listen
+        if self.authenticator is None and not is_loopback(host):
+            log.warning(
+                "server.unauthenticated", listen=settings.listen,
+                hint="auth.mode is none: anyone who reaches this address may follow every channel (docs/security.md)",
+            )
+        connection_class = type("RelayConnection", (RelayConnection,), {"limit_hits": self.metrics.limit_hits})
         self.ws_server = await serve(
             self._handle,
             host or None,
             port,
             process_request=self._route,
+            select_subprotocol=self._select_subprotocol,
+            create_connection=connection_class,
             compression="deflate" if settings.compression else None,
             max_size=settings.max_message_bytes,
             max_queue=4,
@@ -154,12 +222,45 @@ class RelayServer:
         if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
             self.metrics.handshake_rejections.labels("origin").inc()
             return connection.respond(HTTPStatus.FORBIDDEN, "origin not allowed\n")
+        if self.authenticator is not None:
+            refusal = self._authenticate(connection, request)
+            if refusal is not None:
+                return refusal
         if len(self.hub.clients) >= settings.max_connections:
-            self.metrics.handshake_rejections.labels("capacity").inc()
-            response = connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections, try later\n")
-            response.headers["Retry-After"] = "5"
-            return response
+            return self._over_capacity(connection)
         return None
+
+    def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Verify the request's token and keep its grant on the connection; a 401 response when refused."""
+        assert self.authenticator is not None
+        found = find_token(request.headers, request.path)
+        try:
+            grant = self.authenticator.authenticate(found.token if found else None)
+        except AuthError as exc:
+            self.metrics.handshake_rejections.labels("unauthorized").inc()
+            self.metrics.auth_failures.labels(exc.reason).inc()
+            # Never the token itself: the reason and where it came from are enough to debug a client.
+            log.info("server.auth_failed", reason=exc.reason, source=found.source if found else None,
+                     remote=_peer(connection))
+            response = connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc.message}\n")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="notifyrelay", error="invalid_token"'
+            return response
+        if isinstance(connection, RelayConnection):
+            connection.grant = grant
+            connection.token_subprotocol = found.subprotocol if found else None
+        return None
+
+    def _select_subprotocol(self, connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+        """Echo the offered token when it is what authenticated the client (browsers require the echo)."""
+        chosen = connection.token_subprotocol if isinstance(connection, RelayConnection) else None
+        return Subprotocol(chosen) if chosen is not None and chosen in offered else None
+
+    def _over_capacity(self, connection: ServerConnection) -> Response:
+        self.metrics.handshake_rejections.labels("capacity").inc()
+        self.metrics.limit_hits["max_connections"].inc()
+        response = connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections, try later\n")
+        response.headers["Retry-After"] = "5"
+        return response
 
     def _route_admin(self, connection: ServerConnection, request: Request) -> Response:
         path = urlsplit(request.path).path
@@ -173,9 +274,18 @@ class RelayServer:
     # Websocket connections.
 
     async def _handle(self, connection: ServerConnection) -> None:
-        client = Client(connection)
+        settings = self.config.server
+        grant = connection.grant if isinstance(connection, RelayConnection) else None
+        if len(self.hub.clients) >= settings.max_connections:
+            # Handshakes that passed _route together can overshoot the limit: the latecomers are closed with 1013.
+            self.metrics.limit_hits["max_connections"].inc()
+            await connection.close(CloseCode.TRY_AGAIN_LATER, "too many connections, try later")
+            return
+        client = Client(connection, grants=grant.channels if grant else None)
         self.hub.add(client)
         self.metrics.connections_opened.inc()
+        expiry = asyncio.get_running_loop().create_task(self._expire(client, grant)) if grant else None
+        rate = RateLimit(settings.rate_limit_per_s, settings.rate_limit_burst)
         try:
             client.write(
                 protocol.welcome(
@@ -185,19 +295,23 @@ class RelayServer:
                 )
             )
             try:
-                for command in query_subscriptions(
-                    connection.request.path if connection.request else "", max_key_bytes=self.config.server.max_key_bytes
+                for subscribe in query_subscriptions(
+                    connection.request.path if connection.request else "", max_key_bytes=settings.max_key_bytes
                 ):
-                    self._execute(client, command)
+                    self._execute(client, subscribe)
             except ProtocolError as exc:
                 self._reply_error(client, exc)
             async for message in connection:
-                try:
-                    command = protocol.parse_frame(message, max_key_bytes=self.config.server.max_key_bytes)
-                except ProtocolError as exc:
-                    self._reply_error(client, exc)
+                if not rate.take():
+                    if not await self._rate_limited(client, rate):
+                        break
                 else:
-                    self._execute(client, command)
+                    try:
+                        command = protocol.parse_frame(message, max_key_bytes=settings.max_key_bytes)
+                    except ProtocolError as exc:
+                        self._reply_error(client, exc)
+                    else:
+                        self._execute(client, command)
                 if connection.paused:
                     # The client sends but does not read our answers: stop reading it until it drains.
                     await connection.drain()
@@ -207,8 +321,41 @@ class RelayServer:
             log.exception("server.connection_failed", client=client.id)
             await connection.close(1011, "internal error")
         finally:
+            if expiry is not None:
+                expiry.cancel()
             self.hub.remove(client)
-            self.metrics.connections_closed.labels(str(connection.close_code or 1006)).inc()
+            self._count_close(connection)
+
+    async def _rate_limited(self, client: Client, rate: RateLimit) -> bool:
+        """Refuse a frame over the rate; close with 1008 when it persists. False once the connection is closing."""
+        self.metrics.limit_hits["rate_limit"].inc()
+        if rate.strikes > 3 * rate.burst:
+            log.info("server.rate_limit_close", client=client.id, remote=_peer(client.connection),
+                     rate_limit_per_s=rate.rate_per_s)
+            await client.connection.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+            return False
+        self._reply_error(client, ProtocolError(
+            "rate_limited", f"too many frames: at most {rate.rate_per_s:g} a second (bursts of {rate.burst}); "
+            "this one was dropped, and persisting closes the connection",
+        ))
+        return True
+
+    async def _expire(self, client: Client, grant: Grant) -> None:
+        """Close the connection with 4001 when its token expires; the client reconnects with a fresh one."""
+        await asyncio.sleep(max(0.0, grant.expires_at - time.time()))
+        self.metrics.token_expirations.inc()
+        log.info("server.token_expired", client=client.id, subject=grant.subject)
+        await client.connection.close(protocol.CLOSE_TOKEN_EXPIRED, "token expired")
+
+    def _count_close(self, connection: ServerConnection) -> None:
+        self.metrics.connections_closed.labels(str(connection.close_code or 1006)).inc()
+        sent = connection.protocol.close_sent
+        if sent is None:
+            return
+        if sent.code == CloseCode.MESSAGE_TOO_BIG:
+            self.metrics.limit_hits["max_message_bytes"].inc()
+        elif sent.code == CloseCode.INTERNAL_ERROR and "keepalive" in sent.reason:
+            self.metrics.limit_hits["ping_timeout_s"].inc()
 
     def _execute(self, client: Client, command: Command) -> None:
         if isinstance(command, Ping):
@@ -226,6 +373,11 @@ class RelayServer:
 
     def _reply_error(self, client: Client, exc: ProtocolError) -> None:
         self.metrics.client_errors.labels(exc.code).inc()
+        if exc.code == "too_many_subscriptions":
+            self.metrics.limit_hits["max_subscriptions"].inc()
+        elif exc.code == "bad_request" and exc.message.startswith("a key is longer than the limit"):
+            # protocol.validate_keys's wording; tests/integration/test_limits.py pins it.
+            self.metrics.limit_hits["max_key_bytes"].inc()
         client.write(protocol.error(exc.code, exc.message, exc.request_id))
 
 
@@ -237,6 +389,14 @@ def _response(connection: ServerConnection, status: HTTPStatus, body: bytes, con
     response.headers["Content-Length"] = str(len(body))
     response.headers["Cache-Control"] = "no-store"
     return Response(response.status_code, response.reason_phrase, response.headers, body)
+
+
+def _peer(connection: ServerConnection) -> str:
+    try:
+        host, port = connection.remote_address[:2]
+        return f"{host}:{port}"
+    except (TypeError, ValueError):
+        return "?"
 
 
 def _tls_context(cert_file: str, key_file: str) -> ssl.SSLContext | None:
