@@ -6,7 +6,6 @@ drains the ingest queue, feeds the windows and hands each batch to the sink (the
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable
@@ -204,16 +203,15 @@ class Coalescer:
                     self._sink.publish(window.flush(self._clock()))
                 del self._extractors[name]
         for name, channel in wanted.items():
-            window = self._windows.get(name)
-            if window is None or window.with_payloads != channel.include_payload:
-                old_seq = window.seq if window else 0
+            old = self._windows.get(name)
+            if old is None or old.with_payloads != channel.include_payload:
                 window = ChannelWindow(
                     name,
                     window_s=self._settings.window_ms / 1000,
                     leading_edge=self._settings.leading_edge,
                     with_payloads=channel.include_payload,
                 )
-                window.seq = old_seq
+                window.seq = old.seq if old else 0  # seq keeps growing across a reload
                 self._windows[name] = window
             self._extractors[name] = KeyExtractor(channel)
             self._metrics.declare_channel(name, commit_time=bool(channel.commit_time_field))

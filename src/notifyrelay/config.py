@@ -180,7 +180,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[An
                 )
             path = (parts[0], parts[1])
         # Strings stay strings where the field is a string (a DSN is not TOML); the rest is read as TOML.
-        overrides[path] = (raw if path in {("dsn",), ("dsn_file",)} else _env_value(raw), f"environment variable {name}")
+        value = raw if path in {("dsn",), ("dsn_file",)} else _env_value(raw)
+        overrides[path] = (value, f"environment variable {name}")
     return overrides
 
 

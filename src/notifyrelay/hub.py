@@ -47,7 +47,7 @@ class Deferred:
 class Client:
     """One websocket connection as the hub sees it."""
 
-    __slots__ = ("connection", "id", "grants", "deferred", "lagged", "stalled_since", "catch_up", "__weakref__")
+    __slots__ = ("__weakref__", "catch_up", "connection", "deferred", "grants", "id", "lagged", "stalled_since")
 
     def __init__(self, connection: ServerConnection, grants: dict[str, frozenset[str] | None] | None = None) -> None:
         self.connection = connection
@@ -159,8 +159,8 @@ class Hub:
                 groups.setdefault(tuple(keys), []).append(client)
         if everything:
             self._deliver(everything, batch, batch.keys)
-        for keys, clients in groups.items():
-            self._deliver(clients, batch, list(keys))
+        for group_keys, clients in groups.items():
+            self._deliver(clients, batch, list(group_keys))
         now = time.monotonic()
         observe = self._metrics.delivery_latency.observe
         for received in batch.received_at:
@@ -215,8 +215,9 @@ class Hub:
                     log.warning("hub.client_too_slow", client=client.id, stall_timeout_s=self.settings.stall_timeout_s)
                     client.deferred.clear()
                     client.lagged.clear()
-                    await connection.close(
-                        protocol.CLOSE_SLOW_CLIENT, f"too slow: stalled over {self.settings.stall_timeout_s:g}s"
+                    await close_bounded(
+                        connection, protocol.CLOSE_SLOW_CLIENT,
+                        f"too slow: stalled over {self.settings.stall_timeout_s:g}s",
                     )
                     return
                 now = datetime.now(UTC)
@@ -267,8 +268,21 @@ class Hub:
 
     async def close_all(self, code: int, reason: str) -> None:
         """Close every client with ``code`` and wait (bounded by the connections' close timeout)."""
-        clients = list(self.clients)
-        await asyncio.gather(*(c.connection.close(code, reason) for c in clients), return_exceptions=True)
+        await asyncio.gather(*(close_bounded(c.connection, code, reason) for c in list(self.clients)))
+
+
+async def close_bounded(connection: ServerConnection, code: int, reason: str, grace_s: float = 2.0) -> None:
+    """Close with ``code``; a peer that does not finish the handshake within ``grace_s`` is cut off.
+
+    websockets' close() first waits for the write buffer to drain, which a stalled peer never lets happen.
+    """
+    try:
+        async with asyncio.timeout(grace_s):
+            await connection.close(code, reason)
+    except TimeoutError:
+        connection.transport.abort()
+    except Exception:  # already closing or closed: nothing left to do
+        connection.transport.abort()
 
 
 def _remote(client: Client) -> str:

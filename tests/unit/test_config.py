@@ -1,0 +1,89 @@
+"""Loading and validating the configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from notifyrelay.config import load_config, redact_dsn, resolve_dsn, to_toml
+from notifyrelay.exceptions import ConfigError
+
+MINIMAL = '[[channels]]\nname = "activity_progress"\n'
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "relay.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[server]\nmax_connections = 0\n" + MINIMAL, "server.max_connections"),
+        ("[server]\nmax_conections = 5\n" + MINIMAL, "server.max_conections"),
+        ("[coalesce]\nwindow_ms = -1\n" + MINIMAL, "coalesce.window_ms"),
+        ("[coalesce]\nwindow_ms = \"fast\"\n" + MINIMAL, "coalesce.window_ms"),
+        ("[server]\nlisten = \"nowhere\"\n" + MINIMAL, "server.listen"),
+        ("[[channels]]\nname = \"a\"\nkey = \"jsn:id\"\n", "channels[0].key"),
+        ("[[channels]]\nname = \"" + "x" * 64 + "\"\n", "channels[0].name"),
+        (MINIMAL + MINIMAL, "channels[1].name"),
+        ("dsn = \"x\"\n", "channels"),
+        ("[auth]\nmode = \"jwt\"\n" + MINIMAL, "auth.mode"),
+    ],
+)
+def test_errors_name_the_key_and_the_file(tmp_path: Path, text: str, key: str) -> None:
+    """Each invalid setting is reported with its dotted key and the file it came from."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert caught.value.key == key
+    assert str(path) in str(caught.value)
+
+
+def test_invalid_toml_and_missing_file_name_the_file(tmp_path: Path) -> None:
+    """A syntax error or an absent file is blamed on the file."""
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(write(tmp_path, "[server\n"), environ={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.toml", environ={})
+
+
+def test_precedence_flag_over_environment_over_file(tmp_path: Path) -> None:
+    """A flag beats NOTIFYRELAY_* which beats the file, which beats the default."""
+    path = write(tmp_path, "[coalesce]\nwindow_ms = 100\n[server]\nlisten = \"127.0.0.1:1\"\n" + MINIMAL)
+    environ = {"NOTIFYRELAY_COALESCE__WINDOW_MS": "50", "NOTIFYRELAY_LISTEN": "127.0.0.1:2"}
+    config = load_config(path, environ=environ, overrides={"server.listen": "127.0.0.1:3"})
+    assert config.coalesce.window_ms == 50
+    assert config.server.listen == "127.0.0.1:3"
+    assert load_config(path, environ={}).coalesce.window_ms == 100
+
+
+def test_environment_errors_name_the_variable(tmp_path: Path) -> None:
+    """A bad or unknown NOTIFYRELAY_* variable is named in the error."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match="NOTIFYRELAY_SERVER__MAX_CONNECTIONS"):
+        load_config(path, environ={"NOTIFYRELAY_SERVER__MAX_CONNECTIONS": "lots"})
+    with pytest.raises(ConfigError, match="NOTIFYRELAY_WINDOW"):
+        load_config(path, environ={"NOTIFYRELAY_WINDOW": "5"})
+
+
+def test_dsn_file_and_redaction(tmp_path: Path) -> None:
+    """dsn_file supplies the DSN, and the password never shows in the printed configuration."""
+    secret = tmp_path / "dsn"
+    secret.write_text("postgresql://relay:hunter2@db/app\n")
+    config = load_config(write(tmp_path, f'dsn_file = "{secret}"\n' + MINIMAL), environ={})
+    assert resolve_dsn(config) == "postgresql://relay:hunter2@db/app"
+    config = load_config(write(tmp_path, MINIMAL), environ={"NOTIFYRELAY_DSN": "postgresql://u:hunter2@h/d"})
+    assert "hunter2" not in to_toml(config)
+    assert redact_dsn("host=db password='a b' user=x") == "host=db password=*** user=x"
+    assert redact_dsn("postgresql://u@h/d?password=pw") == "postgresql://u@h/d?password=***"
+
+
+def test_printed_configuration_loads_back(tmp_path: Path) -> None:
+    """check-config's TOML output is itself a valid configuration with the same values."""
+    config = load_config(write(tmp_path, '[[channels]]\nname = "a.b C"\nkey = "json:id"\ninclude_payload = true\n'),
+                         environ={})
+    again = load_config(write(tmp_path, to_toml(config)), environ={})
+    assert again == config
