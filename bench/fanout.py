@@ -1,0 +1,159 @@
+"""Scenario 3, fan-out: 10,000 connected clients; deliveries per second and batch-to-last-client time.
+
+Phase "mixed": 9,000 clients follow one key each (3,000 keys, three followers per key) and 1,000 follow ``*``;
+generators update keys at ``--rate`` notifications/s, so every 200 ms window flushes a batch of a few thousand keys.
+Deliveries/s is the relay's own count of notify frames written (``notifyrelay_messages_sent_total{type="notify"}``,
+cross-checked with what the clients counted); per core divides it by the relay's CPU use (psutil), so
+deliveries/s per core = frames written per CPU-second. Target: >= 50,000.
+
+Phase "all": the 9,000 subscribe to ``*`` too, so all 10,000 follow ``*``; lone notifications (each after more
+than a window of silence) go out one by one. Per batch: commit to first client, commit to last client (the target,
+<= 60 ms, judged on the median batch), and how many clients got it. The relay's ``delivery_latency_seconds``
+histogram (receipt to the last frame written) shows the relay's own share, without the client processes' time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import benchlib as bl
+
+CHANNEL = "bench_fanout"
+SENT = "notifyrelay_messages_sent_total"
+LATENCY = "notifyrelay_delivery_latency_seconds_bucket"
+
+
+def merge_by_seq(answers: list[dict[str, Any]]) -> dict[Any, list[Any]]:
+    """(channel, seq) -> [clients, first arrival, last arrival, first key], over every client process."""
+    merged: dict[Any, list[Any]] = {}
+    for answer in answers:
+        for slot, (count, first, last, key, _) in answer["by_seq"].items():
+            entry = merged.get(slot)
+            if entry is None:
+                merged[slot] = [count, first, last, key]
+            else:
+                entry[0] += count
+                entry[1] = min(entry[1], first)
+                entry[2] = max(entry[2], last)
+    return merged
+
+
+def histogram(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    """The delivery latency histogram's increase, as cumulative counts per upper bound."""
+    out = {}
+    for name, value in after.items():
+        if name.startswith(LATENCY):
+            bound = name.split('le="', 1)[1].split('"', 1)[0]
+            out[bound] = int(value - before.get(name, 0))
+    return out
+
+
+def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    mixed_s = 5.0 if args.quick else args.mixed_seconds
+    lone_count = 10 if args.quick else args.batches
+    n, n_wild, n_keys, procs = args.clients, args.wildcard, args.keys, args.client_processes
+    result["config"] = {"window_ms": 200, "clients": n, "wildcard_clients": n_wild, "keys": n_keys,
+                        "client_processes": procs, "mixed_rate_per_s": args.rate, "mixed_seconds": mixed_s,
+                        "lone_batches": lone_count}
+    figures: dict[str, Any] = {}
+    result["figures"] = figures
+    keys = [f"k{i}" for i in range(n_keys)]
+    with bl.Stack("fanout", [{"name": CHANNEL}]) as stack:
+        clients = bl.start_clients(procs, "seq", lifetime_s=900, name="clients")
+        generators = bl.start_generators(1, stack.dsn, connections=2, lifetime_s=900)
+        with bl.workers_stopped(clients + generators):
+            urls = [stack.ws_url(CHANNEL) if i < n_wild else stack.ws_url(CHANNEL, [keys[i % n_keys]])
+                    for i in range(n)]
+            connected = bl.connect_clients(clients, urls, timeout=300)
+            result["connect_seconds"] = connected["seconds"]
+            result["relay_rss_mib_connected"] = round(stack.rss() / 2**20, 1)
+            time.sleep(1)
+
+            # Mixed phase: sustained deliveries.
+            bl.call_all(clients, ("reset",), timeout=30)
+            before = stack.metrics()
+            cpu_before, wall_before = stack.cpu_seconds(), time.monotonic()
+            profiler = bl.Profiler(args.profile, stack.relay.pid if stack.relay else 0, "fanout-mixed", mixed_s)
+            answer = generators[0].call(
+                "paced", {"channel": CHANNEL, "rate": args.rate, "duration": mixed_s, "batch": 100,
+                          "n_keys": n_keys, "prefix": "k", "seed": 3},
+                timeout=mixed_s * 3 + 60,
+            )
+            wall = time.monotonic() - wall_before
+            cpu = (stack.cpu_seconds() - cpu_before) / wall
+            after = stack.metrics()
+            profile = profiler.finish()
+            time.sleep(1)
+            answers = bl.call_all(clients, ("collect",), timeout=60)
+            written = bl.counter(after, SENT, type="notify") - bl.counter(before, SENT, type="notify")
+            received = sum(a["frames"] for a in answers)
+            rate = written / wall
+            per_core = rate / cpu if cpu > 0 else None
+            slow = bl.counter(after, "notifyrelay_slow_clients_total") - bl.counter(before,
+                                                                                    "notifyrelay_slow_clients_total")
+            result["mixed"] = {"notifications_sent": answer["sent"], "frames_written": int(written),
+                               "frames_received": received, "seconds": round(wall, 2),
+                               "relay_cpu_percent": round(cpu * 100, 1), "slow_client_events": int(slow),
+                               "closed": [a["closed"] for a in answers]}
+            if profile:
+                result["profile_mixed"] = profile
+            figures["deliveries_per_s"] = bl.figure(round(rate), "frames/s")
+            figures["deliveries_per_s_per_core"] = bl.figure(
+                None if per_core is None else round(per_core), "frames/s per core", 50000, ">=",
+                note="frames written per relay CPU-second")
+            figures["mixed_relay_cpu"] = bl.figure(round(cpu * 100, 1), "% of one core")
+
+            # All phase: every client follows "*"; lone batches.
+            shares = [[i for i in range(len(urls[w::procs])) if (i * procs + w) >= n_wild] for w in range(procs)]
+            frame = {"op": "subscribe", "channel": CHANNEL, "keys": ["*"]}
+            acks = bl.call_all(clients, [("send_all", share, frame, 60.0) for share in shares], timeout=120)
+            result["resubscribed"] = sum(a["acked"] for a in acks)
+            time.sleep(1)
+            bl.call_all(clients, ("reset",), timeout=30)
+            before = stack.metrics()
+            lone = generators[0].call(
+                "lone", {"channel": CHANNEL, "count": lone_count, "interval": 0.4, "jitter": 0.1, "prefix": "lone",
+                         "seed": 4},
+                timeout=lone_count + 60,
+            )
+            time.sleep(1.5)
+            after = stack.metrics()
+            merged = merge_by_seq(bl.call_all(clients, ("collect",), timeout=60))
+            by_key = {entry[3]: entry for entry in merged.values()}
+            to_first, to_last, spread, reached = [], [], [], []
+            for key, _, _, committed_at in lone["records"]:
+                entry = by_key.get(key)
+                if entry is None:
+                    reached.append(0)
+                    continue
+                reached.append(entry[0])
+                to_first.append(entry[1] - committed_at)
+                to_last.append(entry[2] - committed_at)
+                spread.append(entry[2] - entry[1])
+            last = bl.summary_ms(to_last)
+            result["all"] = {"batches": len(lone["records"]), "commit_to_first_client_ms": bl.summary_ms(to_first),
+                             "commit_to_last_client_ms": last, "first_to_last_client_ms": bl.summary_ms(spread),
+                             "clients_reached_min": min(reached) if reached else 0,
+                             "relay_receipt_to_last_write_histogram": histogram(before, after)}
+            figures["batch_to_last_client_p50_ms"] = bl.figure(
+                last.get("p50"), "ms", 60, note=f"commit to the last of {n} '*' followers, median batch")
+            figures["batch_to_last_client_max_ms"] = bl.figure(last.get("max"), "ms")
+            figures["clients_reached_per_batch_min"] = bl.figure(min(reached) if reached else 0, "clients", n, ">=")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=10000)
+    parser.add_argument("--wildcard", type=int, default=1000, help="clients following * in the mixed phase")
+    parser.add_argument("--keys", type=int, default=3000)
+    parser.add_argument("--client-processes", type=int, default=4)
+    parser.add_argument("--rate", type=int, default=15000, help="notifications/s in the mixed phase")
+    parser.add_argument("--mixed-seconds", type=float, default=10)
+    parser.add_argument("--batches", type=int, default=20, help="lone batches to all clients")
+    return bl.scenario_main("fanout", 600, run, parser)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
