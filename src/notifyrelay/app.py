@@ -130,6 +130,8 @@ class Relay:
                 ("server.compression", old.server.compression, new.server.compression),
                 ("coalesce", old.coalesce, new.coalesce),
                 ("listener.queue_size", old.listener.queue_size, new.listener.queue_size),
+                ("log.format", old.log.format, new.log.format),
+                ("auth", old.auth, new.auth),
             ) if before != after
         ]
         if restart_needed:

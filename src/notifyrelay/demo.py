@@ -6,7 +6,9 @@ Everything it starts is stopped and deleted on Ctrl-C (or SIGTERM).
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import shutil
 import sys
 
 import asyncpg
@@ -80,13 +82,15 @@ async def _demo(dsn: str, listen: str) -> None:
     async def banner() -> None:
         await relay.started.wait()
         url = relay.server.url
+        probes = url.replace("ws", "http", 1).removesuffix("/ws")
+        command = _own_command()
         print(
             f"\nnotifyrelay demo is running.\n"
-            f"  websocket: {url}   (probes: {url.rsplit('/', 1)[0]}/readyz, /metrics)\n"
+            f"  websocket: {url}   (probes: {probes}/readyz, {probes}/metrics)\n"
             f"  database:  {dsn}\n\n"
             f"In another terminal, follow activity 1, or every activity:\n"
-            f"  notifyrelay watch {url} --channel {CHANNEL} --key 1\n"
-            f"  notifyrelay watch {url} --channel {CHANNEL}\n\n"
+            f"  {command} watch {url} --channel {CHANNEL} --key 1\n"
+            f"  {command} watch {url} --channel {CHANNEL}\n\n"
             f"Ctrl-C stops the relay, the worker and the database.\n",
             flush=True,
         )
@@ -98,6 +102,14 @@ async def _demo(dsn: str, listen: str) -> None:
         for task in (worker, shown):
             task.cancel()
         await asyncio.gather(worker, shown, return_exceptions=True)
+
+
+def _own_command() -> str:
+    """How this very program was started, so that the printed watch line works as pasted."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) == "notifyrelay":
+        return argv0 if os.path.dirname(argv0) and not shutil.which("notifyrelay") else "notifyrelay"
+    return f"{sys.executable} -m notifyrelay"
 
 
 def run_demo(listen: str) -> int:

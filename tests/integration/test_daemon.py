@@ -144,3 +144,34 @@ def test_version() -> None:
                             env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=30)
     assert result.stdout.strip() == f"notifyrelay {__version__}"
 
+
+
+async def test_demo_shows_live_progress_and_stops_cleanly_on_ctrl_c() -> None:
+    """`notifyrelay demo` prints a URL where progress events arrive; SIGINT stops it with status 0."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "notifyrelay", "demo", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    try:
+        assert process.stdout is not None
+        url = ""
+        async with asyncio.timeout(30):
+            while not url:
+                line = await asyncio.to_thread(process.stdout.readline)
+                assert line, "the demo exited before printing its URL"
+                if line.strip().startswith("websocket:"):
+                    url = line.split()[1]
+        client = Client(await connect(url + "?channel=activity_progress"))
+        assert (await client.recv())["type"] == "welcome"
+        frame = await client.recv_type("notify", timeout=10)
+        assert frame["channel"] == "activity_progress" and frame["keys"]
+        await client.connection.close()
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(process.wait, 20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        if process.stdout:
+            process.stdout.close()
