@@ -44,6 +44,15 @@ OPERATOR_METRICS = {
     "connections_closed": ("counter", {"code"}),
     "handshake_rejections": ("counter", {"reason"}),
     "commit_to_delivery_seconds": ("histogram", {"channel"}),
+    "auth_failures": ("counter", {"reason"}),
+    "token_expirations": ("counter", set()),
+    "connection_limit_rejections": ("counter", set()),
+    "subscription_limit_rejections": ("counter", set()),
+    "oversized_frames": ("counter", set()),
+    "oversized_keys": ("counter", set()),
+    "rate_limited_frames": ("counter", set()),
+    "handshake_timeouts": ("counter", set()),
+    "keepalive_timeouts": ("counter", set()),
 }
 
 
@@ -65,6 +74,7 @@ def populated() -> Metrics:
     metrics.client_errors.labels("bad_json").inc()
     metrics.connections_closed.labels("1000").inc()
     metrics.handshake_rejections.labels("origin").inc()
+    metrics.auth_failures.labels("expired").inc()
     return metrics
 
 
