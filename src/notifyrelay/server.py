@@ -286,6 +286,7 @@ class RelayServer:
         self.metrics.connections_opened.inc()
         expiry = asyncio.get_running_loop().create_task(self._expire(client, grant)) if grant else None
         rate = RateLimit(settings.rate_limit_per_s, settings.rate_limit_burst)
+        closing: asyncio.Task[None] | None = None
         try:
             client.write(
                 protocol.welcome(
@@ -302,9 +303,11 @@ class RelayServer:
             except ProtocolError as exc:
                 self._reply_error(client, exc)
             async for message in connection:
+                if closing is not None:
+                    # Keep reading (and dropping) until the peer's close frame arrives, or the close waits it out.
+                    continue
                 if not rate.take():
-                    if not await self._rate_limited(client, rate):
-                        break
+                    closing = self._rate_limited(client, rate)
                 else:
                     try:
                         command = protocol.parse_frame(message, max_key_bytes=settings.max_key_bytes)
@@ -323,22 +326,26 @@ class RelayServer:
         finally:
             if expiry is not None:
                 expiry.cancel()
+            if closing is not None:
+                await asyncio.shield(closing)
             self.hub.remove(client)
             self._count_close(connection)
 
-    async def _rate_limited(self, client: Client, rate: RateLimit) -> bool:
-        """Refuse a frame over the rate; close with 1008 when it persists. False once the connection is closing."""
+    def _rate_limited(self, client: Client, rate: RateLimit) -> asyncio.Task[None] | None:
+        """Refuse a frame over the rate; when it persists, start closing with 1008 and return that task."""
         self.metrics.limit_hits["rate_limit"].inc()
         if rate.strikes > 3 * rate.burst:
             log.info("server.rate_limit_close", client=client.id, remote=_peer(client.connection),
                      rate_limit_per_s=rate.rate_per_s)
-            await client.connection.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-            return False
+            # Not awaited here: the handler must go on reading for the peer's close frame to get through.
+            return asyncio.get_running_loop().create_task(
+                client.connection.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+            )
         self._reply_error(client, ProtocolError(
             "rate_limited", f"too many frames: at most {rate.rate_per_s:g} a second (bursts of {rate.burst}); "
             "this one was dropped, and persisting closes the connection",
         ))
-        return True
+        return None
 
     async def _expire(self, client: Client, grant: Grant) -> None:
         """Close the connection with 4001 when its token expires; the client reconnects with a fresh one."""
