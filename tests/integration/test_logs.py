@@ -14,6 +14,7 @@ import re
 import secrets
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -23,9 +24,11 @@ from typing import Any
 from urllib.parse import quote
 
 import asyncpg
+import jwt
 import pytest
 import structlog
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from notifyrelay.log import configure_logging, register_secret
 from tests.conftest import Database, wait_until
@@ -241,6 +244,43 @@ async def test_wrong_password_failures_are_logged_without_the_password(
     assert failure["level"] == "error"
     assert "password authentication failed" in failure["error"]
     assert "password" in failure["fix"]
+
+
+async def test_jwt_mode_never_logs_the_secret_or_a_token(role: Role, daemons: list[Daemon], tmp_path: Path) -> None:
+    """In auth mode jwt, accepted, expired and forged tokens (header, query, subprotocol) leave only reasons."""
+    secret = f"jwt-secret-{secrets.token_hex(16)}"
+    secret_file = tmp_path / "jwt.secret"
+    secret_file.write_text(secret)
+    config = write_config(
+        tmp_path, role, role.dsn(), auth=f'mode = "jwt"\njwt_secret_file = {json.dumps(str(secret_file))}',
+        log='level = "debug"',
+    )
+    daemon = await Daemon.start("--config", str(config))
+    daemons.append(daemon)
+    await daemon.wait_for("listener.up")
+    now = int(time.time())
+    claims = {"sub": "ui-7", "channels": {CHANNEL: "*"}}
+    valid = jwt.encode({**claims, "exp": now + 60}, secret, algorithm="HS256")
+    expired = jwt.encode({**claims, "exp": now - 60}, secret, algorithm="HS256")
+    forged = jwt.encode({**claims, "exp": now + 60}, "not-the-secret-" + secret, algorithm="HS256")
+    url = f"ws://127.0.0.1:{daemon.port}/ws"
+    async with connect(f"{url}?token={valid}") as client:
+        assert json.loads(await client.recv())["type"] == "welcome"
+    async with connect(url, subprotocols=[valid]) as client:  # type: ignore[list-item]
+        assert json.loads(await client.recv())["type"] == "welcome"
+    for attempt in (
+        connect(url, additional_headers={"Authorization": f"Bearer {expired}"}),
+        connect(f"{url}?token={forged}"),
+        connect(url, subprotocols=[forged]),  # type: ignore[list-item]
+    ):
+        with pytest.raises(InvalidStatus):
+            await attempt
+    await daemon.wait_for("server.auth_failed", count=3)
+    assert await daemon.stop() == 0
+
+    events = assert_clean(daemon, secret, role.password, valid, expired, forged)
+    reasons = [entry["reason"] for entry in events if entry["event"] == "server.auth_failed"]
+    assert len(reasons) == 3, reasons
 
 
 @pytest.fixture
