@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from . import protocol
@@ -70,6 +71,26 @@ class Client:
         except Exception:  # the transport is going away; its handler will notice and clean up
             return False
         return True
+
+    def write_shared(self, frame: bytes, wire: bytes) -> bool:
+        """Write a frame shared by many clients: ``wire`` is it already framed, used unless an extension
+        (permessage-deflate) must transform it for this connection."""
+        connection = self.connection
+        protocol_ = connection.protocol
+        if protocol_.extensions or protocol_.expect_continuation_frame:
+            return self.write(frame)
+        if protocol_.state is not State.OPEN:
+            return False
+        try:
+            connection.transport.write(wire)
+        except Exception:  # the transport is going away; its handler will notice and clean up
+            return False
+        return True
+
+
+def wire_frame(frame: bytes) -> bytes:
+    """A text frame as a server writes it (unmasked, no extensions): the same bytes for every client."""
+    return Frame(Opcode.TEXT, frame).serialize(mask=False)
 
 
 class Hub:
@@ -173,11 +194,12 @@ class Hub:
 
     def _deliver(self, clients: list[Client], batch: Batch, keys: list[str]) -> None:
         frame = protocol.notify(batch.channel, batch.seq, keys, batch.payloads)
+        wire = wire_frame(frame)  # framed once: server frames are unmasked, so every client gets the same bytes
         written = 0
         for client in clients:
             if client.stalled_since is not None or client.connection.paused:
                 self._defer(client, batch, keys)
-            elif client.write(frame):
+            elif client.write_shared(frame, wire):
                 written += 1
         self._sent["notify"].inc(written)
         self._bytes["notify"].inc(written * len(frame))
