@@ -138,6 +138,27 @@ def test_uninstall_removes_everything_and_twice_is_harmless(scratch_dsn: str) ->
     asyncio.run(check())
 
 
+def test_install_reads_the_dsn_file_like_the_daemon(
+    scratch_dsn: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --dsn, ``sql install`` connects with the DSN in NOTIFYRELAY_DSN_FILE, as the daemon would."""
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(scratch_dsn + "\n")
+    monkeypatch.delenv("NOTIFYRELAY_DSN", raising=False)
+    monkeypatch.setenv("NOTIFYRELAY_DSN_FILE", str(dsn_file))
+    assert main(["sql", "install"]) == 0
+
+    async def installed() -> int:
+        conn = await asyncpg.connect(scratch_dsn)
+        try:
+            version: int = await conn.fetchval("SELECT notifyrelay.version()")
+            return version
+        finally:
+            await conn.close()
+
+    assert asyncio.run(installed()) == 1
+
+
 def test_print_writes_what_install_applies(capsys: pytest.CaptureFixture[str]) -> None:
     """``sql print`` writes install.sql then each example, ready for psql, and rejects an unknown example."""
     assert main(["sql", "print", "--example", "system_stability"]) == 0
