@@ -207,3 +207,22 @@ async def test_every_notification_reaches_every_client_that_keeps_up(
                 assert frame["type"] == "notify", frame
                 keys.update(frame["keys"])
         assert keys == {str(n) for n in range(5000)}
+
+
+async def test_missing_database_keeps_retrying_and_says_what_to_fix(
+    make_relay: RelayFactory, database: Database
+) -> None:
+    """A DSN naming a database that does not exist: the relay keeps retrying and /readyz says why."""
+    relay = await make_relay(dsn=database.dsn.rsplit("/", 1)[0] + "/no_such_db", wait_ready=False)
+    await wait_until(lambda: relay.metrics.listener_connect_failures._value.get() >= 2, timeout=10)
+    status, _, body = await probe(relay, "/readyz")
+    assert status == 503 and "no_such_db" in body and "does not exist" in body
+
+
+async def test_listen_socket_has_tcp_keepalive(make_relay: RelayFactory, proxy: Proxy) -> None:
+    """The LISTEN connection's TCP socket has keepalive on, so even an idle dead link is noticed by the kernel."""
+    import socket
+
+    relay = await make_relay(dsn=proxy.dsn())
+    sock = relay.listener._conn._transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
