@@ -98,6 +98,33 @@ class RelayConnection(ServerConnection):
         self.grant: Grant | None = None
         self.token_subprotocol: str | None = None
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # Reading stops while the incoming queue is full (websockets' own rule) or while our writes to the peer are
+        # backed up: a peer that floods pings or frames and reads none of the answers then fills its own buffers,
+        # not ours (websockets answers pings as it reads, whether or not the peer reads the pongs).
+        self._queue_full = self._writes_blocked = False
+        self.recv_messages.pause = lambda: self._reading(queue_full=True)
+        self.recv_messages.resume = lambda: self._reading(queue_full=False)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._reading(writes_blocked=True)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._reading(writes_blocked=False)
+
+    def _reading(self, *, queue_full: bool | None = None, writes_blocked: bool | None = None) -> None:
+        was_paused = self._queue_full or self._writes_blocked
+        if queue_full is not None:
+            self._queue_full = queue_full
+        if writes_blocked is not None:
+            self._writes_blocked = writes_blocked
+        paused = self._queue_full or self._writes_blocked
+        if paused != was_paused and not self.transport.is_closing():
+            (self.transport.pause_reading if paused else self.transport.resume_reading)()
+
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         try:
             await super().handshake(*args, **kwargs)
