@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +73,18 @@ def test_hs256_token_becomes_grants(hs256: Authenticator) -> None:
 @pytest.mark.parametrize(
     ("token_claims", "reason"),
     [
-        ({"exp": int(time.time()) - 5}, "expired"),
-        ({"nbf": int(time.time()) + 60}, "not_yet_valid"),
-        ({"channels": ["activity_progress"]}, "claims"),
-        ({"channels": {"activity_progress": "42"}}, "claims"),
-        ({"channels": {"activity_progress": [42]}}, "claims"),
+        (lambda now: {"exp": now - 5}, "expired"),
+        (lambda now: {"nbf": now + 60}, "not_yet_valid"),
+        (lambda now: {"channels": ["activity_progress"]}, "claims"),
+        (lambda now: {"channels": {"activity_progress": "42"}}, "claims"),
+        (lambda now: {"channels": {"activity_progress": [42]}}, "claims"),
     ],
+    ids=["expired", "nbf", "channels-list", "keys-string", "keys-int"],
 )
-def test_hs256_refusals(hs256: Authenticator, token_claims: dict[str, Any], reason: str) -> None:
+def test_hs256_refusals(hs256: Authenticator, token_claims: Callable[[int], dict[str, Any]], reason: str) -> None:
     """Expired, not yet valid and badly shaped channels claims are refused with their own reason."""
-    assert refusal(hs256, jwt.encode(claims(**token_claims), SECRET, algorithm="HS256")) == reason
+    token = jwt.encode(claims(**token_claims(int(time.time()))), SECRET, algorithm="HS256")
+    assert refusal(hs256, token) == reason
 
 
 def test_missing_claims_and_tokens_are_refused(hs256: Authenticator) -> None:
