@@ -7,6 +7,7 @@ requests with urllib, and the promtool binary (Debian's ``prometheus`` package) 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import re
 import shutil
@@ -287,6 +288,15 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(
     assert on_dashboard == exported, (on_dashboard - exported, exported - on_dashboard)
     panels = json.loads(DASHBOARD.read_text())["panels"]
     assert len({panel["id"] for panel in panels}) == len(panels)
+
+
+def test_dashboard_json_is_what_its_generator_writes() -> None:
+    """deploy/grafana/notifyrelay.json was regenerated after the last edit of deploy/grafana/dashboard.py."""
+    spec = importlib.util.spec_from_file_location("dashboard", DASHBOARD.with_name("dashboard.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert json.loads(DASHBOARD.read_text()) == module.build(), "run: python deploy/grafana/dashboard.py"
 
 
 @needs_promtool
