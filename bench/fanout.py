@@ -50,6 +50,15 @@ def histogram(before: dict[str, float], after: dict[str, float]) -> dict[str, in
     return out
 
 
+def bucket_median(buckets: dict[str, int]) -> float | None:
+    """The upper bound, in ms, of the histogram bucket that holds the median observation."""
+    total = buckets.get("+Inf", 0)
+    for bound, count in sorted(((float(b), c) for b, c in buckets.items()), key=lambda item: item[0]):
+        if total and count * 2 >= total:
+            return bound * 1000
+    return None
+
+
 def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     mixed_s = 5.0 if args.quick else args.mixed_seconds
     lone_count = 10 if args.quick else args.batches
@@ -113,6 +122,8 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
             time.sleep(1)
             bl.call_all(clients, ("reset",), timeout=30)
             before = stack.metrics()
+            profiler = bl.Profiler(args.profile, stack.relay.pid if stack.relay else 0, "fanout-all",
+                                   lone_count * 0.45)
             lone = generators[0].call(
                 "lone", {"channel": CHANNEL, "count": lone_count, "interval": 0.4, "jitter": 0.1, "prefix": "lone",
                          "seed": 4},
@@ -120,6 +131,9 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
             )
             time.sleep(1.5)
             after = stack.metrics()
+            profile = profiler.finish()
+            if profile:
+                result["profile_all"] = profile
             merged = merge_by_seq(bl.call_all(clients, ("collect",), timeout=60))
             by_key = {entry[3]: entry for entry in merged.values()}
             to_first, to_last, spread, reached = [], [], [], []
@@ -140,6 +154,10 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
             figures["batch_to_last_client_p50_ms"] = bl.figure(
                 last.get("p50"), "ms", 60, note=f"commit to the last of {n} '*' followers, median batch")
             figures["batch_to_last_client_max_ms"] = bl.figure(last.get("max"), "ms")
+            relay_share = bucket_median(result["all"]["relay_receipt_to_last_write_histogram"])
+            figures["relay_receipt_to_last_write_p50_ms"] = bl.figure(
+                relay_share, "ms", note="the relay's own share, without client processes: the histogram bucket "
+                "(upper bound) that holds the median batch")
             figures["clients_reached_per_batch_min"] = bl.figure(min(reached) if reached else 0, "clients", n, ">=")
 
 

@@ -96,23 +96,37 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
                 figures["sustained_per_s"] = bl.figure(0, "notifications/s", 50000, ">=",
                                                        note=f"even {rates[0]}/s did not hold")
                 return
-            rate = best["offered_per_s"]
-            profiler = bl.Profiler(args.profile, stack.relay.pid if stack.relay else 0, "ingest",
-                                   min(duration, 20))
-            sustained = step(stack, generators, rate, duration, args.batch, args.keys)
-            profile = profiler.finish()
-            if profile:
-                result["profile"] = profile
-            result["sustained"] = sustained
+            # Short steps can hide a slow deficit: hold the best rate for the full duration, stepping down
+            # through the rates that held in the ramp until one holds (at most three attempts).
+            candidates = [o["offered_per_s"] for o in reversed(ramp) if o["holds"]][:3]
+            attempts = []
+            sustained: dict[str, Any] = {}
+            for rate in candidates:
+                profiler = bl.Profiler(args.profile and not attempts, stack.relay.pid if stack.relay else 0,
+                                       "ingest", min(duration, 20))
+                sustained = step(stack, generators, rate, duration, args.batch, args.keys)
+                profile = profiler.finish()
+                if profile:
+                    result["profile"] = profile
+                attempts.append(sustained)
+                print(f"ingest: sustained {rate}/s -> {sustained}", file=sys.stderr, flush=True)
+                if sustained["holds"]:
+                    break
+                time.sleep(3)  # let the backlog of the failed attempt drain before the next
+            result["sustained_attempts"] = attempts
             got = clients[0].call("collect")
             result["follower"] = {"frames": got["frames"], "keys": got["keys"]}
+            rate = sustained["offered_per_s"]
             held = sustained["achieved_per_s"] if sustained["holds"] else 0
-            note = (f"held for {duration:g} s" if sustained["holds"]
-                    else f"{rate}/s did not hold for {duration:g} s: {sustained}")
-            if rate == rates[-1] and sustained["holds"]:
+            failed = [f"{a['offered_per_s']}/s (after stop: received all in {a['received_all_after_s']} s, "
+                      f"queue zero in {a['queue_zero_after_s']} s)" for a in attempts if not a["holds"]]
+            note = f"held {rate}/s for {duration:g} s" if sustained["holds"] else f"nothing held for {duration:g} s"
+            if failed:
+                note += "; did not hold: " + ", ".join(failed)
+            if not ramp[-1]["holds"]:
+                note += f"; ramp stopped at {ramp[-1]['offered_per_s']}/s, limited by the {ramp[-1]['limit']}"
+            elif rate == rates[-1] and sustained["holds"]:
                 note += f"; the ramp's top step: the relay may sustain more than {rate}/s"
-            elif len(ramp) > 1 or not ramp[-1]["holds"]:
-                note += f"; the next step failed, limited by the {ramp[-1]['limit']}"
             figures["sustained_per_s"] = bl.figure(held, "notifications/s", 50000, ">=", note=note)
             figures["drain_after_stop_s"] = bl.figure(
                 max(sustained["received_all_after_s"] or 99, sustained["queue_zero_after_s"] or 99), "s", 1.0)
@@ -126,7 +140,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=60, help="seconds to hold the best rate (target: 60)")
     parser.add_argument("--step-seconds", type=float, default=4)
-    parser.add_argument("--rates", default="10000,20000,35000,50000,70000,100000,140000")
+    parser.add_argument("--rates", default="20000,50000,100000,150000,200000,250000,300000")
     parser.add_argument("--generators", type=int, default=2, help="generator processes (2 connections each)")
     parser.add_argument("--batch", type=int, default=1000, help="notifications per statement")
     parser.add_argument("--keys", type=int, default=10000)
