@@ -17,6 +17,7 @@ from notifyrelay.metrics import Metrics
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (the test extra)")
 
+ROOT = Path(__file__).resolve().parents[2]
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "notifyrelay"
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}  # CRDs: kubernetes-validate has no schema for them
 
@@ -83,14 +84,21 @@ def check_monitoring(manifests: dict[str, dict[str, Any]]) -> None:
     ports = {p["name"] for p in manifests["Service"]["spec"]["ports"]}
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
     exported = {
-        sample.name
+        family.name + suffix
         for family in Metrics().registry.collect()
-        for sample in family.samples
-    } | {family.name for family in Metrics().registry.collect()}
-    rules = manifests["PrometheusRule"]["spec"]["groups"][0]["rules"]
-    for rule in rules:
+        for suffix in ("", "_total", "_bucket", "_sum", "_count")
+    }
+    assert manifests["PrometheusRule"]["spec"] == yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/name"  # job="notifyrelay", as the rules select
+    for rule in manifests["PrometheusRule"]["spec"]["groups"][0]["rules"]:
         used = set(re.findall(r"\bnotifyrelay_[a-z_]+", rule["expr"]))
-        assert used and used <= exported, (rule["alert"], used - exported)
+        assert used <= exported, (rule["alert"], used - exported)
+
+
+def test_chart_alert_rules_are_the_shared_ones() -> None:
+    """The chart ships deploy/prometheus/alerts.yml unchanged, so there is one set of alerts to keep right."""
+    shipped = ROOT / "deploy/helm/notifyrelay/files/alerts.yml"
+    assert shipped.read_text() == (ROOT / "deploy/prometheus/alerts.yml").read_text()
 
 
 def container(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
