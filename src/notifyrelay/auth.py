@@ -25,6 +25,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from cryptography.x509 import load_pem_x509_certificate
+from websockets.datastructures import Headers
 
 from .config import AuthConfig
 from .exceptions import ConfigError, NotifyRelayError
@@ -68,15 +69,14 @@ class FoundToken:
     subprotocol: str | None = None
 
 
-def find_token(headers: Mapping[str, str] | Any, path: str) -> FoundToken | None:
+def find_token(headers: Headers, path: str) -> FoundToken | None:
     """The bearer token of an upgrade request, or None when it carries none."""
     authorization = headers.get("Authorization")
     if authorization:
         scheme, _, value = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return FoundToken(value.strip(), "header")
-    offered = headers.get_all("Sec-WebSocket-Protocol") if hasattr(headers, "get_all") else []
-    for line in offered:
+    for line in headers.get_all("Sec-WebSocket-Protocol"):
         for candidate in (part.strip() for part in line.split(",")):
             if _JWT_SHAPE.fullmatch(candidate):
                 return FoundToken(candidate, "subprotocol", subprotocol=candidate)

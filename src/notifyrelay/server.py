@@ -16,12 +16,12 @@ import ssl
 import time
 from collections.abc import Iterator, Sequence
 from http import HTTPStatus
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, Counter
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
@@ -89,9 +89,10 @@ class RateLimit:
 
 
 class RelayConnection(ServerConnection):
-    """A server connection that carries what the handshake learnt: the token's grant and subprotocol."""
+    """A server connection that keeps what the handshake learnt (the token's grant and subprotocol), counts
+    handshake timeouts, and stops reading a peer whose answers are backed up."""
 
-    limit_hits: Any = None  # set on the per-server subclass made in RelayServer.start
+    limit_hits: ClassVar[dict[str, Counter] | None] = None  # set on the per-server subclass made in start()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
