@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 import jwt
 import pytest
 import structlog
+from cryptography.hazmat.primitives.asymmetric import ec
 from structlog.testing import capture_logs
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -104,6 +106,27 @@ async def test_token_in_header_subprotocol_and_query(relay: Relay, make_client: 
     assert (await query.recv())["type"] == "ack"
     for client in (header, browser):
         assert (await client.subscribe(CHANNEL, ["42"]))["type"] == "ack"
+
+
+async def test_jwks_es256_token_from_a_browser(
+    make_relay: RelayFactory, make_client: ClientFactory, tmp_path: Path, database: Database
+) -> None:
+    """With a JWKS, an ES256 token offered as a browser subprotocol is verified by its kid and its grant enforced."""
+    private = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(private.public_key()))
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "ES256"}]}))
+    relay = await make_relay(**{"auth.mode": "jwt", "auth.jwks_file": str(tmp_path / "jwks.json"),
+                                "coalesce.window_ms": 0})
+    claims = {"exp": int(time.time()) + 60, "channels": {CHANNEL: ["42"]}}
+    signed = jwt.encode(claims, private, algorithm="ES256", headers={"kid": "k1"})
+    browser = await make_client(relay, f"?channel={CHANNEL}&key=42", subprotocols=[Subprotocol(signed)])
+    assert browser.connection.subprotocol == signed
+    assert (await browser.recv())["type"] == "ack"
+    assert (await browser.subscribe(CHANNEL, ["43"]))["code"] == "forbidden"
+    await database.notify(CHANNEL, "43", "42")
+    assert (await browser.recv_type("notify"))["keys"] == ["42"]
+    hs256 = jwt.encode(claims, SECRET, algorithm="HS256", headers={"kid": "k1"})
+    assert (await refused(relay, subprotocols=[Subprotocol(hs256)])).response.status_code == 401
 
 
 async def test_claim_too_narrow_is_forbidden(relay: Relay, make_client: ClientFactory, database: Database) -> None:

@@ -93,3 +93,18 @@ async def test_plain_and_unverified_clients_are_refused(
     with pytest.raises(ssl.SSLCertVerificationError):
         async with connect(relay.server.url, ssl=ssl.create_default_context(), open_timeout=3):
             pass
+
+
+async def test_admin_listener_serves_probes_over_tls(
+    make_relay: RelayFactory, certificate: tuple[Path, Path]
+) -> None:
+    """With [admin] listen set, the probes move there and are served over TLS with the same certificate."""
+    cert_file, key_file = certificate
+    relay = await make_relay(**{
+        "server.tls_cert_file": str(cert_file), "server.tls_key_file": str(key_file), "admin.listen": "127.0.0.1:0",
+    })
+    url = f"https://127.0.0.1:{relay.server.admin_port}/healthz"
+    status = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(url, timeout=5, context=client_context(cert_file)).status
+    )
+    assert status == 200
