@@ -172,6 +172,7 @@ async def test_tokens_never_reach_the_logs(relay: Relay, make_client: ClientFact
     """At log level debug, through the daemon's own logging pipeline, no token in any carrier reaches a log line."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level, {name: logging.getLogger(name).level for name in ("websockets", "asyncpg")}
+    saved_structlog = structlog.get_config()
     stream = io.StringIO()
     configure_logging("debug", "json", stream=stream)
     try:
@@ -189,7 +190,7 @@ async def test_tokens_never_reach_the_logs(relay: Relay, make_client: ClientFact
         root.setLevel(level)
         for name, library_level in libraries.items():
             logging.getLogger(name).setLevel(library_level)
-        structlog.reset_defaults()
+        structlog.configure(**saved_structlog)
     text = stream.getvalue()
     assert '"server.auth_failed"' in text
     for secret in (good, expired, "x" + good, SECRET):
