@@ -140,7 +140,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=60, help="seconds to hold the best rate (target: 60)")
     parser.add_argument("--step-seconds", type=float, default=4)
-    parser.add_argument("--rates", default="20000,50000,100000,150000,200000,250000,300000")
+    parser.add_argument("--rates", default="20000,50000,100000,150000,200000,300000,400000,500000")
     parser.add_argument("--generators", type=int, default=2, help="generator processes (2 connections each)")
     parser.add_argument("--batch", type=int, default=1000, help="notifications per statement")
     parser.add_argument("--keys", type=int, default=10000)
