@@ -69,7 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _run(args)
         if args.command == "check-config":
+            from .auth import Authenticator
+            from .config import resolve_dsn
+
             config = load_config(args.config)
+            resolve_dsn(config)  # a dsn_file that cannot be read is an error here too
+            Authenticator.from_config(config.auth)  # load the keys, as run would: a bad key file fails here
             sys.stdout.write(to_toml(config))
             return EXIT_OK
         if args.command == "sql":

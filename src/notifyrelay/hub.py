@@ -34,6 +34,7 @@ from .subscriptions import SubscriptionIndex, TooManySubscriptions
 log = structlog.get_logger("notifyrelay.hub")
 
 _ids = itertools.count(1)
+FRAME_TYPES = ("welcome", "ack", "pong", "error", "notify", "status", "resync")
 
 
 @dataclass(slots=True)
@@ -103,8 +104,8 @@ class Hub:
         self.clients: set[Client] = set()
         self.listener_is_up = False
         self._metrics = metrics
-        self._sent = {kind: metrics.messages_sent.labels(kind) for kind in ("notify", "status", "resync")}
-        self._bytes = {kind: metrics.bytes_sent.labels(kind) for kind in ("notify", "status", "resync")}
+        self._sent = {kind: metrics.messages_sent.labels(kind) for kind in FRAME_TYPES}
+        self._bytes = {kind: metrics.bytes_sent.labels(kind) for kind in FRAME_TYPES}
 
     # Clients and subscriptions.
 
@@ -160,9 +161,9 @@ class Hub:
             for client in self.index.drop_channel(channel):
                 client.deferred.pop(channel, None)
                 client.lagged.pop(channel, None)
-                client.write(
-                    protocol.error("unknown_channel", f"channel {channel!r} is no longer relayed; unsubscribed")
-                )
+                self.send(client, "error", protocol.error(
+                    "unknown_channel", f"channel {channel!r} is no longer relayed; unsubscribed"
+                ))
             self._metrics.subscriptions.labels(channel).set(0)
 
     # Fan-out (the coalescer's BatchSink).
@@ -246,10 +247,10 @@ class Hub:
                 lagged, client.lagged = client.lagged, {}
                 deferred, client.deferred = client.deferred, {}
                 for channel, since in lagged.items():
-                    self._write(client, "resync", protocol.resync(channel, "slow_client", since, now))
+                    self.send(client, "resync", protocol.resync(channel, "slow_client", since, now))
                 for channel, keys in deferred.items():
                     payloads = keys.keys if keys.with_payloads else None
-                    self._write(client, "notify", protocol.notify(channel, keys.seq, keys.keys, payloads))
+                    self.send(client, "notify", protocol.notify(channel, keys.seq, keys.keys, payloads))
                 if not connection.paused:
                     client.stalled_since = None
                     log.info("hub.client_caught_up", client=client.id)
@@ -259,7 +260,8 @@ class Hub:
         finally:
             client.catch_up = None
 
-    def _write(self, client: Client, kind: str, frame: bytes) -> None:
+    def send(self, client: Client, kind: str, frame: bytes) -> None:
+        """Write one frame of type ``kind`` to one client now, counted in the metrics."""
         if client.write(frame):
             self._sent[kind].inc()
             self._bytes[kind].inc(len(frame))

@@ -20,6 +20,7 @@ _DSN_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s/]*@")
 _KV_PASSWORD = re.compile(r"(?i)(password\s*=\s*)\S+")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 _QUERY_TOKEN = re.compile(r"(?i)([?&]token=)[^&\s\"]+")
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")  # a JWT wherever it appears
 
 
 def register_secret(secret: str) -> None:
@@ -36,7 +37,8 @@ def scrub(text: str) -> str:
     text = _DSN_PASSWORD.sub(r"\1***@", text)
     text = _KV_PASSWORD.sub(r"\1***", text)
     text = _BEARER.sub(r"\1***", text)
-    return _QUERY_TOKEN.sub(r"\1***", text)
+    text = _QUERY_TOKEN.sub(r"\1***", text)
+    return _JWT.sub("***", text)
 
 
 def _scrub_value(value: Any) -> Any:

@@ -316,13 +316,11 @@ class RelayServer:
         rate = RateLimit(settings.rate_limit_per_s, settings.rate_limit_burst)
         closing: asyncio.Task[None] | None = None
         try:
-            client.write(
-                protocol.welcome(
-                    window_ms=self.config.coalesce.window_ms,
-                    channels=self.hub.channels,
-                    listener_up=self.hub.listener_is_up,
-                )
-            )
+            self.hub.send(client, "welcome", protocol.welcome(
+                window_ms=self.config.coalesce.window_ms,
+                channels=self.hub.channels,
+                listener_up=self.hub.listener_is_up,
+            ))
             try:
                 for subscribe in query_subscriptions(
                     connection.request.path if connection.request else "", max_key_bytes=settings.max_key_bytes
@@ -394,7 +392,7 @@ class RelayServer:
 
     def _execute(self, client: Client, command: Command) -> None:
         if isinstance(command, Ping):
-            client.write(protocol.pong(command.id))
+            self.hub.send(client, "pong", protocol.pong(command.id))
             return
         try:
             if isinstance(command, Subscribe):
@@ -404,7 +402,7 @@ class RelayServer:
         except ProtocolError as exc:
             self._reply_error(client, exc)
         else:
-            client.write(protocol.ack(command))
+            self.hub.send(client, "ack", protocol.ack(command))
 
     def _reply_error(self, client: Client, exc: ProtocolError) -> None:
         self.metrics.client_errors.labels(exc.code).inc()
@@ -413,7 +411,7 @@ class RelayServer:
         elif exc.code == "bad_request" and exc.message.startswith("a key is longer than the limit"):
             # protocol.validate_keys's wording; tests/integration/test_limits.py pins it.
             self.metrics.limit_hits["max_key_bytes"].inc()
-        client.write(protocol.error(exc.code, exc.message, exc.request_id))
+        self.hub.send(client, "error", protocol.error(exc.code, exc.message, exc.request_id))
 
 
 def _response(connection: ServerConnection, status: HTTPStatus, body: bytes, content_type: str) -> Response:

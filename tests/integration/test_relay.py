@@ -227,3 +227,16 @@ async def test_seq_counts_batches_per_channel(
     by_channel = {c: [f["seq"] for f in frames if f["channel"] == c] for c in ("a", "b")}
     assert by_channel == {"a": [1, 2], "b": [1]}
     await wait_until(lambda: relay.metrics.batches.labels("a")._value.get() == 2)
+
+
+async def test_every_frame_type_is_counted(make_relay: RelayFactory, make_client: ClientFactory) -> None:
+    """messages_sent_total counts welcome, ack, pong and error frames as well as notify/status/resync."""
+    relay = await make_relay()
+    client = await make_client(relay, f"?channel={CHANNEL}")
+    await client.recv()
+    await client.send({"op": "ping"})
+    await client.recv()
+    await client.send("{")
+    await client.recv()
+    sent = relay.metrics.messages_sent
+    assert [sent.labels(kind)._value.get() for kind in ("welcome", "ack", "pong", "error")] == [1, 1, 1, 1]

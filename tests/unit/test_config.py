@@ -87,3 +87,15 @@ def test_printed_configuration_loads_back(tmp_path: Path) -> None:
                          environ={})
     again = load_config(write(tmp_path, to_toml(config)), environ={})
     assert again == config
+
+
+def test_check_config_loads_the_auth_keys_and_the_dsn_file(tmp_path: Path) -> None:
+    """check-config fails (exit 2, naming the key) for a key or DSN file that run would fail to read."""
+    from notifyrelay.cli import main
+
+    missing = tmp_path / "absent"
+    jwt = write(tmp_path, f'[auth]\nmode = "jwt"\njwt_secret_file = "{missing}"\n' + MINIMAL)
+    assert main(["check-config", "--config", str(jwt)]) == 2
+    dsn = tmp_path / "dsn.toml"
+    dsn.write_text(f'dsn_file = "{missing}"\n' + MINIMAL)
+    assert main(["check-config", "--config", str(dsn)]) == 2
