@@ -667,8 +667,17 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=10,
+                                  check=False).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
     return {"nproc": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "kernel": platform.release(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+            "kernel": platform.release(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+            "relay_commit": git("rev-parse", "--short", "HEAD"),
+            "relay_src_dirty": bool(git("status", "--porcelain", "--", "src"))}
 
 
 def counter(metrics: dict[str, float], name: str, **labels: str) -> float:
