@@ -121,8 +121,10 @@ def _toml(value: Any) -> str:
 class Stack:
     """An embedded PostgreSQL and the relay (``python -m notifyrelay run --config``), each its own process.
 
-    ``channels`` are ``[[channels]]`` tables; ``server`` adds keys to ``[server]``. Leaving the ``with`` block stops
-    the relay (SIGTERM, then SIGKILL) and throws PostgreSQL away, on success, error or Ctrl-C alike.
+    ``channels`` are ``[[channels]]`` tables; ``server`` adds keys to ``[server]``. ``relays`` > 1 starts that many
+    independent relays on one PostgreSQL, each on its own port with its own LISTEN connection (what several relay
+    processes sharing a port with SO_REUSEPORT would be); then metrics, CPU and RSS are their sums. Leaving the
+    ``with`` block stops the relays (SIGTERM, then SIGKILL) and throws PostgreSQL away, on success, error or Ctrl-C.
     """
 
     def __init__(
@@ -133,19 +135,27 @@ class Stack:
         window_ms: int = 200,
         server: dict[str, Any] | None = None,
         pg_max_connections: int = 60,
+        relays: int = 1,
     ) -> None:
         self.name = name
         self.channels = list(channels)
         self.window_ms = window_ms
         self.server_extra = {"max_connections": 20000, **(server or {})}
         self.pg_max_connections = pg_max_connections
+        self.count = relays
         self.pg: EmbeddedPostgres | None = None
-        self.relay: subprocess.Popen[bytes] | None = None
-        self.process: psutil.Process | None = None
-        self.port = 0
+        self.relays: list[subprocess.Popen[bytes]] = []
+        self.processes: list[psutil.Process] = []
+        self.ports: list[int] = []
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        self.config_path = RESULTS_DIR / f"{name}.relay.toml"
-        self.log_path = RESULTS_DIR / f"{name}.relay.log"
+        suffixes = [""] if relays == 1 else [str(i) for i in range(relays)]
+        self.config_paths = [RESULTS_DIR / f"{name}.relay{s}.toml" for s in suffixes]
+        self.log_paths = [RESULTS_DIR / f"{name}.relay{s}.log" for s in suffixes]
+
+    @property
+    def relay(self) -> subprocess.Popen[bytes] | None:
+        """The (first) relay process."""
+        return self.relays[0] if self.relays else None
 
     @property
     def dsn(self) -> str:
@@ -154,12 +164,12 @@ class Stack:
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
+        return f"ws://127.0.0.1:{self.ports[0]}/ws"
 
-    def ws_url(self, channel: str, keys: Sequence[str] = ()) -> str:
-        """The websocket URL that subscribes at connect time (no keys: ``*``)."""
+    def ws_url(self, channel: str, keys: Sequence[str] = (), relay: int = 0) -> str:
+        """The websocket URL of a relay that subscribes at connect time (no keys: ``*``)."""
         query = [("channel", channel)] + [("key", k) for k in keys]
-        return f"{self.url}?{urlencode(query)}"
+        return f"ws://127.0.0.1:{self.ports[relay % len(self.ports)]}/ws?{urlencode(query)}"
 
     def __enter__(self) -> Stack:
         try:
@@ -175,92 +185,98 @@ class Stack:
         self.pg.start()
         from notifyrelay.pgembed import free_port
 
-        self.port = free_port()
-        lines = [
-            f"dsn = {_toml(self.pg.dsn)}",
-            "",
-            "[server]",
-            f'listen = "127.0.0.1:{self.port}"',
-            *(f"{k} = {_toml(v)}" for k, v in self.server_extra.items()),
-            "",
-            "[coalesce]",
-            f"window_ms = {self.window_ms}",
-            "",
-            "[log]",
-            'level = "info"',
-            'format = "json"',
-        ]
-        for channel in self.channels:
-            lines += ["", "[[channels]]", *(f"{k} = {_toml(v)}" for k, v in channel.items())]
-        self.config_path.write_text("\n".join(lines) + "\n")
         env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYRELAY_")}
-        with open(self.log_path, "wb") as log:
-            self.relay = subprocess.Popen(
-                [sys.executable, "-m", "notifyrelay", "run", "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent,
-            )
-        self.process = psutil.Process(self.relay.pid)
-        self._wait_ready(30)
+        for config_path, log_path in zip(self.config_paths, self.log_paths, strict=True):
+            port = free_port()
+            lines = [
+                f"dsn = {_toml(self.pg.dsn)}",
+                "",
+                "[server]",
+                f'listen = "127.0.0.1:{port}"',
+                *(f"{k} = {_toml(v)}" for k, v in self.server_extra.items()),
+                "",
+                "[coalesce]",
+                f"window_ms = {self.window_ms}",
+                "",
+                "[log]",
+                'level = "info"',
+                'format = "json"',
+            ]
+            for channel in self.channels:
+                lines += ["", "[[channels]]", *(f"{k} = {_toml(v)}" for k, v in channel.items())]
+            config_path.write_text("\n".join(lines) + "\n")
+            with open(log_path, "wb") as log:
+                relay = subprocess.Popen(
+                    [sys.executable, "-m", "notifyrelay", "run", "--config", str(config_path)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True, preexec_fn=_die_with_parent,
+                )
+            self.relays.append(relay)
+            self.ports.append(port)
+            self.processes.append(psutil.Process(relay.pid))
+        for index in range(self.count):
+            self._wait_ready(index, 30)
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, index: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        relay = self.relays[index]
         while time.monotonic() < deadline:
-            assert self.relay is not None
-            if self.relay.poll() is not None:
-                raise RuntimeError(f"the relay exited with {self.relay.returncode}:\n{self.log_tail()}")
+            if relay.poll() is not None:
+                raise RuntimeError(f"the relay exited with {relay.returncode}:\n{self.log_tail(index)}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as response:
+                url = f"http://127.0.0.1:{self.ports[index]}/readyz"
+                with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"the relay was not ready within {timeout:g} s:\n{self.log_tail()}")
+        raise RuntimeError(f"the relay was not ready within {timeout:g} s:\n{self.log_tail(index)}")
 
-    def log_tail(self, chars: int = 3000) -> str:
+    def log_tail(self, index: int = 0, chars: int = 3000) -> str:
         try:
-            return self.log_path.read_text(errors="replace")[-chars:]
+            return self.log_paths[index].read_text(errors="replace")[-chars:]
         except OSError:
             return ""
 
     def metrics(self) -> dict[str, float]:
-        """The relay's /metrics as ``{'name{labels}': value}``."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as response:
-            text = response.read().decode()
+        """The relays' /metrics as ``{'name{labels}': value}``, summed over relays."""
         values: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                with contextlib.suppress(ValueError):
-                    values[name] = float(value)
+        for port in self.ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                text = response.read().decode()
+            for line in text.splitlines():
+                if line and not line.startswith("#"):
+                    name, _, value = line.rpartition(" ")
+                    with contextlib.suppress(ValueError):
+                        values[name] = values.get(name, 0.0) + float(value)
         return values
 
     def cpu_seconds(self) -> float:
-        assert self.process is not None
-        times = self.process.cpu_times()
-        return float(times.user + times.system)
+        """User + system CPU seconds of the relays so far."""
+        return float(sum(t.user + t.system for t in (p.cpu_times() for p in self.processes)))
 
     def rss(self) -> int:
-        assert self.process is not None
-        return int(self.process.memory_info().rss)
+        return int(sum(p.memory_info().rss for p in self.processes))
 
     def __exit__(self, *exc: object) -> None:
         with shielded():
-            if self.relay is not None and self.relay.poll() is None:
-                self.relay.terminate()
+            for relay in self.relays:
+                if relay.poll() is None:
+                    relay.terminate()
+            for relay in self.relays:
                 try:
-                    self.relay.wait(15)
+                    relay.wait(15)
                 except subprocess.TimeoutExpired:
-                    self.relay.kill()
-                    self.relay.wait(5)
+                    relay.kill()
+                    relay.wait(5)
             if self.pg is not None:
                 try:
                     self.pg.cleanup()
                 except Exception as error:  # a server already stopping (Ctrl-C reached it too) is fine
                     print(f"bench: PostgreSQL cleanup: {error}", file=sys.stderr)
                     shutil.rmtree(self.pg.pgdata, ignore_errors=True)
-            self.relay = None
+            self.relays = []
             self.pg = None
 
 

@@ -65,16 +65,18 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     n, n_wild, n_keys, procs = args.clients, args.wildcard, args.keys, args.client_processes
     result["config"] = {"window_ms": 200, "clients": n, "wildcard_clients": n_wild, "keys": n_keys,
                         "client_processes": procs, "mixed_rate_per_s": args.rate, "mixed_seconds": mixed_s,
-                        "lone_batches": lone_count}
+                        "lone_batches": lone_count, "relays": args.relays,
+                        "ping_interval_s": args.ping_interval_s or "relay default"}
+    server = {"ping_interval_s": args.ping_interval_s} if args.ping_interval_s else {}
     figures: dict[str, Any] = {}
     result["figures"] = figures
     keys = [f"k{i}" for i in range(n_keys)]
-    with bl.Stack("fanout", [{"name": CHANNEL}]) as stack:
+    with bl.Stack("fanout", [{"name": CHANNEL}], relays=args.relays, server=server) as stack:
         clients = bl.start_clients(procs, "seq", lifetime_s=900, name="clients")
         generators = bl.start_generators(1, stack.dsn, connections=2, lifetime_s=900)
         with bl.workers_stopped(clients + generators):
-            urls = [stack.ws_url(CHANNEL) if i < n_wild else stack.ws_url(CHANNEL, [keys[i % n_keys]])
-                    for i in range(n)]
+            # Client i goes to relay i % relays: what SO_REUSEPORT's spreading of connections would do.
+            urls = [stack.ws_url(CHANNEL, [] if i < n_wild else [keys[i % n_keys]], relay=i) for i in range(n)]
             connected = bl.connect_clients(clients, urls, timeout=300)
             result["connect_seconds"] = connected["seconds"]
             result["relay_rss_mib_connected"] = round(stack.rss() / 2**20, 1)
@@ -170,6 +172,9 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=15000, help="notifications/s in the mixed phase")
     parser.add_argument("--mixed-seconds", type=float, default=10)
     parser.add_argument("--batches", type=int, default=20, help="lone batches to all clients")
+    parser.add_argument("--relays", type=int, default=1,
+                        help="independent relays sharing the clients (an experiment: workers behind SO_REUSEPORT)")
+    parser.add_argument("--ping-interval-s", type=float, help="the relays' server.ping_interval_s (an experiment)")
     return bl.scenario_main("fanout", 600, run, parser)
 
 
