@@ -95,6 +95,8 @@ _FATAL_HINTS: dict[type[BaseException], str] = {
     asyncpg.InvalidPasswordError: "authentication failed: check the user and password in the DSN (or dsn_file)",
     asyncpg.InvalidAuthorizationSpecificationError: "the server refused this user: check the DSN and pg_hba.conf",
     asyncpg.InvalidCatalogNameError: "the database does not exist: check the database name in the DSN",
+    asyncpg.ClientConfigurationError: "the DSN's options are invalid: check it (sslmode, sslrootcert, ...)",
+    ValueError: "the DSN is malformed: check it",
 }
 
 
@@ -128,6 +130,10 @@ class Listener:
         self._supervisor_wakeup: asyncio.Future[None] | None = None
         self._heartbeat_count = 0
         self._conn: Any = None
+        # One query at a time on the connection: LISTEN/UNLISTEN (connect, reload) and the heartbeat share it, and
+        # asyncpg refuses a second operation while one is in progress.
+        self._lock = asyncio.Lock()
+        self._listened: set[str] = set()  # channels LISTENed on the current connection
         self._closing = False
         self._last_proof = time.time()  # the last moment we knew we were listening (heartbeat or notification)
         self.up = False
@@ -144,16 +150,16 @@ class Listener:
         try:
             while not self._closing:
                 conn = await self._connect_and_listen()
+                gap_end = time.time()  # LISTEN is in force from here on
                 try:
-                    now = time.time()
-                    gap_start, self._last_proof = self._last_proof, now
+                    gap_start = self._last_proof  # only proofs while up count, so this is the old connection's
+                    # Prove the new session receives before telling anyone it is up (and make /readyz fresh).
+                    await self._heartbeat(conn)
                     self._set_up(True, "")
                     if reason == "listener_reconnected":
-                        self._metrics.listener_gap_seconds.observe(now - gap_start)
+                        self._metrics.listener_gap_seconds.observe(gap_end - gap_start)
                     log.info("listener.up", channels=self._channels, reason=reason)
-                    self._observer.listener_up(
-                        list(self._channels), _utc(gap_start), _utc(now), reason
-                    )
+                    self._observer.listener_up(list(self._channels), _utc(gap_start), _utc(gap_end), reason)
                     await self._supervise(conn)
                 except (ConnectionLost, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                     if not self._closing:
@@ -166,7 +172,8 @@ class Listener:
                     if was_up and not self._closing:
                         self._metrics.listener_reconnects.inc()
                         self._observer.listener_down()
-                reason = "listener_reconnected"
+                    if was_up:
+                        reason = "listener_reconnected"
         finally:
             self._set_up(False, "shutting down" if self._closing else self.down_reason)
 
@@ -181,24 +188,36 @@ class Listener:
                 conn.terminate()
 
     async def set_channels(self, channels: Iterable[str]) -> None:
-        """LISTEN/UNLISTEN the difference on the live connection (reload); a failure forces a reconnect."""
-        wanted = list(dict.fromkeys(channels))
-        added = [c for c in wanted if c not in self._channels]
-        removed = [c for c in self._channels if c not in wanted]
-        self._channels = wanted
+        """Adopt a new channel list (reload): LISTEN/UNLISTEN the difference now if connected (a failure forces a
+        reconnect), else the next connection LISTENs the new list."""
+        self._channels = list(dict.fromkeys(channels))
         conn = self._conn
         if conn is None or conn.is_closed():
             return
         try:
-            for channel in added:
-                await conn.add_listener(channel, self._on_notification)
-            for channel in removed:
-                await conn.remove_listener(channel, self._on_notification)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            async with self._lock:
+                added, removed = await self._sync_listens(conn)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("listener.relisten_failed", error=str(exc))
             conn.terminate()
         else:
             log.info("listener.channels_changed", added=added, removed=removed)
+
+    async def _sync_listens(self, conn: Any) -> tuple[list[str], list[str]]:
+        """LISTEN/UNLISTEN until the connection listens on exactly the configured channels. Hold the lock."""
+        added: list[str] = []
+        removed: list[str] = []
+        # A reload may change the list while we await; loop until what is LISTENed matches what is wanted.
+        while (wanted := set(self._channels)) != self._listened:
+            for channel in [c for c in self._channels if c not in self._listened]:
+                await conn.add_listener(channel, self._on_notification)
+                self._listened.add(channel)
+                added.append(channel)
+            for channel in [c for c in self._listened if c not in wanted]:
+                await conn.remove_listener(channel, self._on_notification)
+                self._listened.discard(channel)
+                removed.append(channel)
+        return added, removed
 
     def _set_up(self, up: bool, reason: str) -> None:
         self.up = up
@@ -210,7 +229,10 @@ class Listener:
         settings = self.settings
         retrying = AsyncRetrying(
             wait=wait_random_exponential(multiplier=settings.reconnect_initial_s, max=settings.reconnect_max_s),
-            retry=retry_if_exception_type((OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)),
+            retry=retry_if_exception_type(
+                (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                 asyncpg.ClientConfigurationError)
+            ),
             before_sleep=self._log_retry,
             reraise=True,
         )
@@ -223,15 +245,16 @@ class Listener:
                 )
                 try:
                     _enable_keepalive(conn, settings)
+                    self._conn = conn
+                    self._listened = set()
                     conn.add_termination_listener(self._on_termination)
-                    async with asyncio.timeout(settings.connect_timeout_s):
+                    async with asyncio.timeout(settings.connect_timeout_s), self._lock:
                         await conn.add_listener(self._heartbeat_channel, self._on_notification)
-                        for channel in self._channels:
-                            await conn.add_listener(channel, self._on_notification)
+                        await self._sync_listens(conn)
                 except BaseException:
+                    self._conn = None
                     conn.terminate()
                     raise
-                self._conn = conn
                 return conn
         raise AssertionError("unreachable: tenacity retries forever")  # pragma: no cover
 
@@ -275,14 +298,17 @@ class Listener:
         timeout = self.settings.heartbeat_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                row = await conn.fetchrow(
-                    "SELECT pg_notify($1, $2), pg_notification_queue_usage()", self._heartbeat_channel, token
-                )
+                async with self._lock:
+                    row = await conn.fetchrow(
+                        "SELECT pg_notify($1, $2), pg_notification_queue_usage()", self._heartbeat_channel, token
+                    )
                 await waiter
         except TimeoutError:
             raise ConnectionLost(f"heartbeat did not come back within {timeout:g}s") from None
         finally:
             self._heartbeat_waiter = None
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # set by the termination callback after the query failed: already handled
         self._last_proof = self.last_heartbeat = time.time()
         self._metrics.heartbeat_seconds.observe(time.monotonic() - started)
         self._metrics.listener_last_heartbeat.set(self.last_heartbeat)
@@ -294,7 +320,8 @@ class Listener:
             if waiter is not None and waiter[0] == payload and not waiter[1].done():
                 waiter[1].set_result(None)
             return
-        self._last_proof = time.time()
+        if self.up:  # while connecting, proofs would belong to the new connection and hide the gap
+            self._last_proof = time.time()
         self._queue.put(channel, payload)
 
     def _on_termination(self, conn: Any) -> None:
