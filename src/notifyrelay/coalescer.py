@@ -50,6 +50,7 @@ class KeyExtractor:
     def __init__(self, channel: ChannelConfig) -> None:
         self.field = channel.json_field
         self.commit_time_field = channel.commit_time_field
+        self.include_payload = channel.include_payload
 
     def __call__(self, payload: str) -> tuple[str, Any]:
         key, value, _ = self.extract(payload)
@@ -62,7 +63,7 @@ class KeyExtractor:
             if self.commit_time_field:
                 with contextlib.suppress(msgspec.DecodeError, RecursionError):  # then it carries no commit time
                     committed = _commit_time(_json_decode(payload), self.commit_time_field)
-            return payload, payload, committed
+            return payload, payload if self.include_payload else None, committed
         try:
             document = _json_decode(payload)
         except (msgspec.DecodeError, RecursionError):
@@ -74,7 +75,8 @@ class KeyExtractor:
             raise BadPayload(f"field {self.field!r} is neither a string nor an integer")
         committed = _commit_time(document, self.commit_time_field) if self.commit_time_field else None
         # The payload is valid JSON: pass it through as raw bytes instead of re-encoding it per frame.
-        return (key if isinstance(key, str) else str(key)), msgspec.Raw(payload.encode()), committed
+        value = msgspec.Raw(payload.encode()) if self.include_payload else None
+        return (key if isinstance(key, str) else str(key)), value, committed
 
 
 def _commit_time(document: Any, field_name: str) -> float | None:
@@ -189,30 +191,42 @@ class Coalescer:
         self._clock = clock
         self._windows: dict[str, ChannelWindow] = {}
         self._extractors: dict[str, KeyExtractor] = {}
+        self._removed_seq: dict[str, int] = {}
+        # Overflow resyncs wait here until their channel may have one again (at most one per window, 0.2 s at
+        # least), so sustained overflow does not flood clients; the earliest loss since the last one is kept.
+        self._overflow: dict[str, datetime] = {}
+        self._overflow_sent: dict[str, float] = {}
         self._last_bad_log = float("-inf")
         self._bad_since_log = 0
         self.set_channels(channels)
 
     def set_channels(self, channels: Iterable[ChannelConfig]) -> None:
-        """Adopt a new channel list (reload): new channels get a window, removed ones are flushed and dropped."""
+        """Adopt a new channel list (reload). New channels get a window; removed ones are flushed and dropped; a
+        channel whose include_payload changes is flushed first, so no pending key is lost or sent without its value.
+        ``seq`` keeps growing per channel name, even across removal and re-adding."""
         wanted = {c.name: c for c in channels}
+        now = self._clock()
         for name in list(self._windows):
             if name not in wanted:
                 window = self._windows.pop(name)
                 if window.pending:
-                    self._sink.publish(window.flush(self._clock()))
+                    self._publish(window.flush(now))
+                self._removed_seq[name] = window.seq
                 del self._extractors[name]
         for name, channel in wanted.items():
-            old = self._windows.get(name)
-            if old is None or old.with_payloads != channel.include_payload:
-                window = ChannelWindow(
+            existing = self._windows.get(name)
+            if existing is None:
+                window = self._windows[name] = ChannelWindow(
                     name,
                     window_s=self._settings.window_ms / 1000,
                     leading_edge=self._settings.leading_edge,
                     with_payloads=channel.include_payload,
                 )
-                window.seq = old.seq if old else 0  # seq keeps growing across a reload
-                self._windows[name] = window
+                window.seq = self._removed_seq.pop(name, 0)
+            elif existing.with_payloads != channel.include_payload:
+                if existing.pending:
+                    self._publish(existing.flush(now))
+                existing.with_payloads = channel.include_payload
             self._extractors[name] = KeyExtractor(channel)
             self._metrics.declare_channel(name, commit_time=bool(channel.commit_time_field))
 
@@ -221,9 +235,10 @@ class Coalescer:
         while True:
             now = self._clock()
             deadlines = [d for w in self._windows.values() if (d := w.deadline()) is not None]
+            deadlines += [self._overflow_sent[c] + self._overflow_spacing() for c in self._overflow]
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
             items = await self._queue.get_all(timeout)
-            self.ingest(items)
+            self.ingest(items)  # also sends the overflow resyncs that are due
             self.flush_due()
 
     def ingest(self, items: Iterable[tuple[str, str, float]]) -> None:
@@ -255,8 +270,19 @@ class Coalescer:
         for channel, since in self._queue.take_overflow().items():
             # Notifications were dropped because the queue was full: subscribers must refetch.
             self._metrics.ingest_overflows.labels(channel).inc()
-            log.warning("coalescer.overflow_resync", channel=channel)
-            self._sink.resync(channel, "overflow", since, datetime.now(UTC))
+            self._overflow.setdefault(channel, since)
+        self._send_overflow_resyncs(now)
+
+    def _overflow_spacing(self) -> float:
+        return max(self._settings.window_ms / 1000, 0.2)
+
+    def _send_overflow_resyncs(self, now: float) -> None:
+        for channel, since in list(self._overflow.items()):
+            if now - self._overflow_sent.get(channel, float("-inf")) >= self._overflow_spacing():
+                del self._overflow[channel]
+                self._overflow_sent[channel] = now
+                log.warning("coalescer.overflow_resync", channel=channel)
+                self._sink.resync(channel, "overflow", since, datetime.now(UTC))
 
     def flush_due(self) -> None:
         now = self._clock()

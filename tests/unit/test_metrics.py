@@ -137,7 +137,9 @@ COMMITTED = datetime(2026, 11, 22, 22, 8, 40, 593000, tzinfo=UTC).timestamp()
 )
 def test_commit_time_is_read_from_a_json_channel(stamp: object, expected: float | None) -> None:
     """A json: channel's commit_time_field is read as Unix seconds or ISO 8601; anything else is no commit time."""
-    extract = KeyExtractor(ChannelConfig(name="c", key="json:id", commit_time_field="committed_at")).extract
+    extract = KeyExtractor(
+        ChannelConfig(name="c", key="json:id", commit_time_field="committed_at", include_payload=True)
+    ).extract
     key, value, committed = extract(msgspec.json.encode({"id": 42, "committed_at": stamp}).decode())
     assert key == "42"
     assert isinstance(value, msgspec.Raw)
@@ -146,9 +148,11 @@ def test_commit_time_is_read_from_a_json_channel(stamp: object, expected: float 
 
 def test_commit_time_is_optional() -> None:
     """Without commit_time_field nothing is parsed; a payload channel reads it only from payloads that are JSON."""
-    assert KeyExtractor(ChannelConfig(name="c", key="json:id")).extract('{"id":"a","t":1}') == ("a", msgspec.Raw(
-        b'{"id":"a","t":1}'), None)
-    payload_channel = KeyExtractor(ChannelConfig(name="c", commit_time_field="t"))
+    assert KeyExtractor(ChannelConfig(name="c", key="json:id", include_payload=True)).extract('{"id":"a","t":1}') == (
+        "a", msgspec.Raw(b'{"id":"a","t":1}'), None)
+    # Without include_payload no copy of the payload is kept: frames do not carry it.
+    assert KeyExtractor(ChannelConfig(name="c", key="json:id")).extract('{"id":"a"}') == ("a", None, None)
+    payload_channel = KeyExtractor(ChannelConfig(name="c", commit_time_field="t", include_payload=True))
     assert payload_channel.extract('{"t": 5}') == ('{"t": 5}', '{"t": 5}', 5.0)
     assert payload_channel.extract("42") == ("42", "42", None)
     assert payload_channel.extract("not json") == ("not json", "not json", None)
