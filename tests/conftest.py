@@ -74,7 +74,7 @@ async def make_relay(database: Database) -> AsyncIterator[RelayFactory]:
     running: list[tuple[Relay, asyncio.Task[None]]] = []
 
     async def start(*, dsn: str | None = None, wait_ready: bool = True, **overrides: Any) -> Relay:
-        relay = Relay(relay_config(dsn or database.dsn, **overrides))
+        relay = Relay(relay_config(database.dsn if dsn is None else dsn, **overrides))
         task = asyncio.create_task(relay.run())
         running.append((relay, task))
         await asyncio.wait_for(relay.started.wait(), 10)

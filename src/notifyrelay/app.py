@@ -11,11 +11,12 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 import structlog
 
 from . import log as logging_setup
 from .coalescer import Coalescer
-from .config import Config, load_config, resolve_dsn
+from .config import Config, check_dsn, load_config, resolve_dsn
 from .exceptions import ConfigError
 from .health import Readiness
 from .hub import Hub
@@ -41,7 +42,8 @@ class Relay:
         self.config_path = config_path
         self.overrides = dict(overrides or {})
         names = [c.name for c in config.channels]
-        dsn = resolve_dsn(config)
+        dsn = self.dsn = resolve_dsn(config)
+        check_dsn(dsn, "dsn_file" if config.dsn_file else "dsn")
         logging_setup.register_secret(_password(dsn))
         self.metrics = Metrics()
         self.queue = IngestQueue(config.listener.queue_size)
@@ -52,12 +54,10 @@ class Relay:
         self.systemd = SystemdNotifier.from_environ()
         reporter = ListenerStatusReporter(self.hub, self.systemd)
         self.listener = Listener(dsn, names, config.listener, self.queue, reporter, self.metrics)
-        settings = config.listener
-        self.readiness = Readiness(
-            self.listener, heartbeat_deadline_s=settings.heartbeat_interval_s + settings.heartbeat_timeout_s + 5
-        )
+        self.readiness = Readiness(self.listener)
         self.server = RelayServer(config, self.hub, self.readiness, self.metrics)
         self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
         self.started = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -106,23 +106,31 @@ class Relay:
             log.warning("relay.shutdown_timeout", timeout_s=timeout)
 
     async def reload(self) -> bool:
-        """Re-read the configuration file (SIGHUP) and apply what can change live; keep the old one if invalid."""
-        self.systemd.reloading()
-        try:
-            return await self._reload()
-        finally:
-            self.systemd.reloaded(f"relaying {len(self.hub.channels)} channel(s): configuration reloaded")
+        """Re-read the configuration file (SIGHUP) and apply what can change live; keep the old one if invalid.
+
+        Reloads run one at a time; nothing they meet escapes (a failure is logged and the old config stays)."""
+        async with self._reload_lock:
+            self.systemd.reloading()
+            try:
+                return await self._reload()
+            except Exception:
+                log.exception("relay.reload_failed")
+                return False
+            finally:
+                self.systemd.reloaded(f"relaying {len(self.hub.channels)} channel(s): configuration reloaded")
 
     async def _reload(self) -> bool:
         try:
             new = load_config(self.config_path, overrides=self.overrides)
+            new_dsn = resolve_dsn(new)
+            check_dsn(new_dsn, "dsn_file" if new.dsn_file else "dsn")
         except ConfigError as exc:
             log.error("relay.reload_rejected", error=str(exc))
             return False
         old = self.config
         restart_needed = [
             key for key, before, after in (
-                ("dsn", resolve_dsn(old), resolve_dsn(new)),
+                ("dsn", self.dsn, new_dsn),
                 ("server.listen", old.server.listen, new.server.listen),
                 ("admin.listen", old.admin.listen, new.admin.listen),
                 ("server.tls_cert_file", old.server.tls_cert_file, new.server.tls_cert_file),
@@ -136,6 +144,26 @@ class Relay:
         ]
         if restart_needed:
             log.warning("relay.reload_needs_restart", keys=restart_needed)
+        # What needs a restart keeps its running value, so that the config in force (welcome frames, probes,
+        # the next reload's comparison) says what the relay really does.
+        new = msgspec.structs.replace(
+            new,
+            dsn=old.dsn,
+            dsn_file=old.dsn_file,
+            coalesce=old.coalesce,
+            auth=old.auth,
+            admin=old.admin,
+            log=msgspec.structs.replace(new.log, format=old.log.format),
+            listener=msgspec.structs.replace(new.listener, queue_size=old.listener.queue_size),
+            server=msgspec.structs.replace(
+                new.server,
+                listen=old.server.listen,
+                tls_cert_file=old.server.tls_cert_file,
+                tls_key_file=old.server.tls_key_file,
+                max_message_bytes=old.server.max_message_bytes,
+                compression=old.server.compression,
+            ),
+        )
         logging_setup.set_level(new.log.level)
         names = [c.name for c in new.channels]
         self.hub.settings = new.server
@@ -173,7 +201,14 @@ async def run_until_signalled(relay: Relay) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop, signum)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(relay.reload()))
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_reload() -> None:
+        task = loop.create_task(relay.reload())
+        reloads.add(task)  # keep a reference until it finishes
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
         await relay.run()
     finally:

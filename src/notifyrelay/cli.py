@@ -70,10 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "check-config":
             from .auth import Authenticator
-            from .config import resolve_dsn
+            from .config import check_dsn, resolve_dsn
 
             config = load_config(args.config)
-            resolve_dsn(config)  # a dsn_file that cannot be read is an error here too
+            # A dsn_file that cannot be read, or a malformed DSN, is an error here as it would be for run.
+            check_dsn(resolve_dsn(config), "dsn_file" if config.dsn_file else "dsn")
             Authenticator.from_config(config.auth)  # load the keys, as run would: a bad key file fails here
             sys.stdout.write(to_toml(config))
             return EXIT_OK

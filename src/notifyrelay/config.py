@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 from msgspec import Meta, Struct
@@ -276,6 +277,25 @@ def _check(config: Config, source: str, sources: Mapping[str, str]) -> None:
         config.auth.jwt_secret_file or config.auth.jwt_public_key_file or config.auth.jwks_file
     ):
         fail("auth.mode", 'mode "jwt" needs auth.jwt_secret_file, auth.jwt_public_key_file or auth.jwks_file')
+
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def check_dsn(dsn: str, key: str = "dsn") -> None:
+    """Refuse a malformed DSN at start (and in check-config) rather than retrying it forever."""
+    if not dsn:
+        return  # libpq's PG* variables
+    if not re.match(r"postgres(ql)?://", dsn):
+        raise ConfigError("expected a URL such as postgresql://user@host:5432/dbname", key=key)
+    try:
+        parts = urlsplit(dsn)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ConfigError(f"malformed DSN: {exc}", key=key) from None
+    for mode in parse_qs(parts.query).get("sslmode", []):
+        if mode not in _SSLMODES:
+            raise ConfigError(f"sslmode {mode!r} is not one of {', '.join(_SSLMODES)}", key=key)
 
 
 def resolve_dsn(config: Config) -> str:

@@ -12,10 +12,21 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 
+class HeartbeatSettings(Protocol):
+    @property
+    def heartbeat_interval_s(self) -> float: ...
+
+    @property
+    def heartbeat_timeout_s(self) -> float: ...
+
+
 class ListenerStatus(Protocol):
     up: bool
     down_reason: str
     last_heartbeat: float | None
+
+    @property
+    def settings(self) -> HeartbeatSettings: ...
 
     @property
     def channels(self) -> list[str]: ...
@@ -24,10 +35,8 @@ class ListenerStatus(Protocol):
 class Readiness:
     """Answers /readyz from the listener's state and the shutdown flag."""
 
-    def __init__(self, listener: ListenerStatus, *, heartbeat_deadline_s: float) -> None:
+    def __init__(self, listener: ListenerStatus) -> None:
         self._listener = listener
-        # A heartbeat older than interval + timeout (plus slack) means the supervisor itself is stuck.
-        self.heartbeat_deadline_s = heartbeat_deadline_s
         self.shutting_down = False
         self._started = time.time()
 
@@ -41,7 +50,10 @@ class Readiness:
             reasons.append(f"listener down: {listener.down_reason}")
         else:
             last = listener.last_heartbeat or self._started
-            if time.time() - last > self.heartbeat_deadline_s:
+            # A heartbeat older than interval + timeout (plus slack) means the supervisor itself is stuck. Read
+            # the settings each time: a reload may change them.
+            deadline = listener.settings.heartbeat_interval_s + listener.settings.heartbeat_timeout_s + 5
+            if time.time() - last > deadline:
                 reasons.append(f"listener heartbeat overdue: last passed {time.time() - last:.1f}s ago")
         return reasons
 

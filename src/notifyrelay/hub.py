@@ -249,8 +249,11 @@ class Hub:
                 for channel, since in lagged.items():
                     self.send(client, "resync", protocol.resync(channel, "slow_client", since, now))
                 for channel, keys in deferred.items():
-                    payloads = keys.keys if keys.with_payloads else None
-                    self.send(client, "notify", protocol.notify(channel, keys.seq, keys.keys, payloads))
+                    # Only what the client still follows: it may have unsubscribed, or a reload removed the channel.
+                    still = [key for key in keys.keys if self.index.follows(client, channel, key)]
+                    if still:
+                        payloads = keys.keys if keys.with_payloads else None
+                        self.send(client, "notify", protocol.notify(channel, keys.seq, still, payloads))
                 if not connection.paused:
                     client.stalled_since = None
                     log.info("hub.client_caught_up", client=client.id)

@@ -39,6 +39,10 @@ from .protocol import Command, Ping, Subscribe
 
 log = structlog.get_logger("notifyrelay.server")
 WS_PATH = "/ws"
+KNOWN_CLOSE_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
+     protocol.CLOSE_SLOW_CLIENT, protocol.CLOSE_TOKEN_EXPIRED}
+)
 PROBE_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
@@ -381,7 +385,9 @@ class RelayServer:
         await client.connection.close(protocol.CLOSE_TOKEN_EXPIRED, "token expired")
 
     def _count_close(self, connection: ServerConnection) -> None:
-        self.metrics.connections_closed.labels(str(connection.close_code or 1006)).inc()
+        # The peer chooses its close code: label only the codes that mean something here, so it cannot mint series.
+        code = connection.close_code or 1006
+        self.metrics.connections_closed.labels(str(code) if code in KNOWN_CLOSE_CODES else "other").inc()
         sent = connection.protocol.close_sent
         if sent is None:
             return

@@ -175,3 +175,15 @@ async def test_demo_shows_live_progress_and_stops_cleanly_on_ctrl_c() -> None:
             process.wait(10)
         if process.stdout:
             process.stdout.close()
+
+
+def test_malformed_dsn_exits_2_naming_dsn(tmp_path: Path) -> None:
+    """A DSN that cannot be parsed is a configuration error (exit 2), not a crash or an endless retry."""
+    path = tmp_path / "relay.toml"
+    path.write_text('[[channels]]\nname = "a"\n')
+    for command in (["run", "--dsn", "postgresql://u@127.0.0.1:abc/db"], ["check-config"]):
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "NOTIFYRELAY_DSN": "host=db user=relay"}
+        result = subprocess.run([sys.executable, "-m", "notifyrelay", *command, "--config", str(path)],
+                                capture_output=True, text=True, env=env, timeout=30)
+        assert result.returncode == 2, result.stderr
+        assert "dsn:" in result.stderr

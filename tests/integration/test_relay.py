@@ -240,3 +240,39 @@ async def test_every_frame_type_is_counted(make_relay: RelayFactory, make_client
     await client.recv()
     sent = relay.metrics.messages_sent
     assert [sent.labels(kind)._value.get() for kind in ("welcome", "ack", "pong", "error")] == [1, 1, 1, 1]
+
+
+async def test_reload_keeps_restart_only_settings_and_survives_an_unreadable_dsn_file(
+    make_relay: RelayFactory, make_client: ClientFactory, database: Database, tmp_path: object
+) -> None:
+    """A reload that changes window_ms leaves the running value in force (welcome says so); a reload whose
+    dsn_file cannot be read is refused and the relay carries on."""
+    from pathlib import Path
+
+    folder = Path(str(tmp_path))
+    dsn_file = folder / "dsn"
+    dsn_file.write_text(database.dsn)
+    config = folder / "relay.toml"
+    config.write_text(f'dsn_file = "{dsn_file}"\n[coalesce]\nwindow_ms = 1000\n[[channels]]\nname = "{CHANNEL}"\n')
+    relay = await make_relay(dsn="", **{"dsn_file": str(dsn_file)})
+    relay.config_path = str(config)
+    relay.overrides = {"server.listen": "127.0.0.1:0"}
+    assert await relay.reload() is True
+    client = await make_client(relay)
+    assert relay.config.coalesce.window_ms == 200 and relay.server.config.coalesce.window_ms == 200
+    dsn_file.unlink()
+    assert await relay.reload() is False
+    await client.send({"op": "ping"})
+    assert (await client.recv())["type"] == "pong"
+
+
+async def test_close_codes_a_client_invents_do_not_become_label_values(
+    make_relay: RelayFactory, make_client: ClientFactory
+) -> None:
+    """connections_closed_total labels known close codes only; anything else counts as 'other'."""
+    relay = await make_relay()
+    client = await make_client(relay)
+    await client.connection.close(4999, "mine")
+    await wait_until(lambda: not relay.hub.clients)
+    await wait_until(lambda: relay.metrics.connections_closed.labels("other")._value.get() == 1)
+    assert 'code="4999"' not in relay.metrics.exposition().decode()
