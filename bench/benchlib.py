@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -372,6 +372,67 @@ def _serve(conn: Any, lifetime_s: float, handlers: dict[str, Callable[..., Any]]
 # Websocket clients ------------------------------------------------------------------------------------------------
 
 
+class _SansIOClient(asyncio.Protocol):
+    """A websocket client on websockets' sans-I/O ``ClientProtocol``: frames are parsed in ``data_received``, with
+    no future or task per message, and stamped when their bytes are read. Lighter than the asyncio client, so on a
+    small machine the client processes add less of their own time to fan-out figures (``--client-impl sansio``).
+    """
+
+    def __init__(self, url: str, index: int, clients: _Clients) -> None:
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        self.protocol = ClientProtocol(parse_uri(url), max_size=2**24)
+        self.index = index
+        self.clients = clients
+        self.transport: Any = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.expected = ["welcome", "ack"] if "channel=" in url else ["welcome"]
+        self.close_code: int | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.protocol.send_request(self.protocol.connect())
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        from websockets.frames import Frame, Opcode
+        from websockets.http11 import Response
+
+        arrival = time.monotonic()
+        self.protocol.receive_data(data)
+        for event in self.protocol.events_received():
+            if isinstance(event, Frame):
+                if event.opcode is not Opcode.TEXT:
+                    continue
+                if self.expected:
+                    kind = self.clients.decode(event.data).get("type")
+                    if kind != self.expected.pop(0) and not self.ready.done():
+                        self.ready.set_exception(RuntimeError(f"unexpected {kind} frame while connecting"))
+                    if not self.expected and not self.ready.done():
+                        self.ready.set_result(None)
+                else:
+                    self.clients.on_message(self.index, arrival, event.data)
+            elif isinstance(event, Response) and self.protocol.handshake_exc is not None and not self.ready.done():
+                self.ready.set_exception(self.protocol.handshake_exc)
+        self._flush()
+
+    async def send(self, text: str) -> None:
+        self.protocol.send_text(text.encode())
+        self._flush()
+
+    def _flush(self) -> None:
+        for data in self.protocol.data_to_send():
+            if data and self.transport is not None and not self.transport.is_closing():
+                self.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        close = self.protocol.close_rcvd
+        self.clients.closed[str(close.code if close else 1006)] += 1
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("connection lost while connecting"))
+
+
 class _Clients:
     """Websocket connections of one client process and what they received.
 
@@ -379,11 +440,12 @@ class _Clients:
     keeps every frame per connection as (arrival, {key: payload["n"]}) for latency joins.
     """
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, impl: str = "asyncio") -> None:
         import msgspec
 
         self.decode = msgspec.json.Decoder().decode
         self.mode = mode
+        self.impl = impl
         self.connections: list[Any] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.acks = 0
@@ -445,10 +507,24 @@ class _Clients:
         base = len(self.connections)
         slots: list[Any] = [None] * len(urls)
 
+        async def open_sansio(i: int, url: str) -> Any:
+            parts = urlsplit(url)
+            _, client = await asyncio.get_running_loop().create_connection(
+                lambda: _SansIOClient(url, base + i, self), parts.hostname, parts.port)
+            try:
+                await client.ready
+            except BaseException:
+                client.transport.abort()
+                raise
+            return client
+
         async def open_one(i: int, url: str) -> None:
             async with gate:
                 try:
                     async with asyncio.timeout(timeout):
+                        if self.impl == "sansio":
+                            slots[i] = await open_sansio(i, url)
+                            return
                         ws = await connect(url, ping_interval=None, compression=None, max_size=2**24,
                                            open_timeout=timeout, close_timeout=1)
                         welcome = self.decode(await ws.recv())
@@ -465,7 +541,7 @@ class _Clients:
         await asyncio.gather(*(open_one(i, u) for i, u in enumerate(urls)))
         for i, ws in enumerate(slots):
             self.connections.append(ws)
-            if ws is not None:
+            if ws is not None and self.impl != "sansio":
                 self.tasks.append(asyncio.create_task(self._read(base + i, ws)))
         return {"ok": sum(ws is not None for ws in slots), "failed": sum(errors.values()),
                 "errors": dict(errors.most_common(5)), "seconds": round(time.monotonic() - started, 3)}
@@ -502,9 +578,9 @@ class _Clients:
                 ws.transport.abort()
 
 
-def client_worker(conn: Any, lifetime_s: float, mode: str) -> None:
+def client_worker(conn: Any, lifetime_s: float, mode: str, impl: str = "asyncio") -> None:
     raise_nofile()
-    clients = _Clients(mode)
+    clients = _Clients(mode, impl)
     handlers = {"connect": clients.connect, "send_all": clients.send_all, "collect": clients.collect,
                 "reset": clients.do_reset}
     _serve(conn, lifetime_s, handlers, clients.close)
@@ -617,8 +693,11 @@ def generator_worker(conn: Any, lifetime_s: float, dsn: str) -> None:
     _serve(conn, lifetime_s, handlers, generator.close)
 
 
-def start_clients(count: int, mode: str, lifetime_s: float, name: str = "clients") -> list[Worker]:
-    return [Worker(client_worker, mode, name=f"{name}-{i}", lifetime_s=lifetime_s) for i in range(count)]
+def start_clients(
+    count: int, mode: str, lifetime_s: float, name: str = "clients", impl: str = "asyncio"
+) -> list[Worker]:
+    """Client processes; ``impl`` is "asyncio" (websockets' asyncio client) or "sansio" (``_SansIOClient``)."""
+    return [Worker(client_worker, mode, impl, name=f"{name}-{i}", lifetime_s=lifetime_s) for i in range(count)]
 
 
 def start_generators(count: int, dsn: str, connections: int, lifetime_s: float) -> list[Worker]:

@@ -66,13 +66,13 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     result["config"] = {"window_ms": 200, "clients": n, "wildcard_clients": n_wild, "keys": n_keys,
                         "client_processes": procs, "mixed_rate_per_s": args.rate, "mixed_seconds": mixed_s,
                         "lone_batches": lone_count, "relays": args.relays,
-                        "ping_interval_s": args.ping_interval_s or "relay default"}
+                        "ping_interval_s": args.ping_interval_s or "relay default", "client_impl": args.client_impl}
     server = {"ping_interval_s": args.ping_interval_s} if args.ping_interval_s else {}
     figures: dict[str, Any] = {}
     result["figures"] = figures
     keys = [f"k{i}" for i in range(n_keys)]
     with bl.Stack("fanout", [{"name": CHANNEL}], relays=args.relays, server=server) as stack:
-        clients = bl.start_clients(procs, "seq", lifetime_s=900, name="clients")
+        clients = bl.start_clients(procs, "seq", lifetime_s=900, name="clients", impl=args.client_impl)
         generators = bl.start_generators(1, stack.dsn, connections=2, lifetime_s=900)
         with bl.workers_stopped(clients + generators):
             # Client i goes to relay i % relays: what SO_REUSEPORT's spreading of connections would do.
@@ -174,6 +174,8 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=20, help="lone batches to all clients")
     parser.add_argument("--relays", type=int, default=1,
                         help="independent relays sharing the clients (an experiment: workers behind SO_REUSEPORT)")
+    parser.add_argument("--client-impl", choices=["asyncio", "sansio"], default="asyncio",
+                        help="websockets' asyncio client, or its sans-I/O protocol (lighter: less client time)")
     parser.add_argument("--ping-interval-s", type=float, help="the relays' server.ping_interval_s (an experiment)")
     return bl.scenario_main("fanout", 600, run, parser)
 
