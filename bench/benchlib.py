@@ -360,6 +360,8 @@ def _serve(conn: Any, lifetime_s: float, handlers: dict[str, Callable[..., Any]]
                 conn.send(("error", traceback.format_exc()))
             else:
                 conn.send(("ok", result))
+        # Aborted connections leave futures nobody awaits any more: their errors are expected, keep stderr clean.
+        loop.set_exception_handler(lambda loop, context: None)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await closing()
