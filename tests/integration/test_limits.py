@@ -146,3 +146,15 @@ def test_defaults_are_sane() -> None:
     assert (settings.max_message_bytes, settings.max_key_bytes) == (65536, 1024)
     assert settings.rate_limit_per_s == 20.0 and settings.rate_limit_burst == 100
     assert settings.handshake_timeout_s == 10.0 and settings.ping_interval_s == settings.ping_timeout_s == 20.0
+
+
+async def test_keepalive_pings_of_connections_opened_together_are_spread(
+    make_relay: RelayFactory, make_client: ClientFactory
+) -> None:
+    """Clients that connect at once are not all pinged at once: first pings fall across their second interval."""
+    relay = await make_relay(**{"server.ping_interval_s": 1.0, "server.ping_timeout_s": 2.0})
+    for _ in range(30):
+        await make_client(relay)
+    await asyncio.sleep(1.5)  # halfway through the second interval
+    pinged = sum(1 for client in relay.hub.clients if client.connection.latency > 0)
+    assert 0 < pinged < 30, pinged
