@@ -109,13 +109,9 @@ def _die_with_parent() -> None:  # runs in the relay child between fork and exec
 
 
 def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))
+    from notifyrelay.config import toml_value  # the relay's own TOML writer: its config is written as it reads it
+
+    return toml_value(value)
 
 
 class Stack:

@@ -308,20 +308,23 @@ def resolve_dsn(config: Config) -> str:
     return config.dsn
 
 
+def toml_value(value: Any) -> str:
+    """A TOML literal for a scalar or a list of them (JSON string escapes are valid TOML basic strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return msgspec.json.encode(str(value)).decode()
+
+
 def to_toml(config: Config) -> str:
     """The effective configuration as TOML, with the DSN's password redacted."""
     data = msgspec.to_builtins(config)
     data["dsn"] = redact_dsn(data["dsn"])
     lines: list[str] = []
-
-    def scalar(value: Any) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, (int, float)):
-            return repr(value)
-        if isinstance(value, list):
-            return "[" + ", ".join(scalar(v) for v in value) + "]"
-        return msgspec.json.encode(str(value)).decode()
+    scalar = toml_value
 
     def table(items: dict[str, Any]) -> None:
         for key, value in items.items():
