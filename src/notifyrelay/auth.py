@@ -70,8 +70,11 @@ class FoundToken:
 
 
 def find_token(headers: Headers, path: str) -> FoundToken | None:
-    """The bearer token of an upgrade request, or None when it carries none."""
-    authorization = headers.get("Authorization")
+    """The bearer token of an upgrade request, or None when it carries none; AuthError for an ambiguous request."""
+    authorizations = headers.get_all("Authorization")
+    if len(authorizations) > 1:
+        raise AuthError("malformed", "the request carries more than one Authorization header")
+    authorization = authorizations[0] if authorizations else None
     if authorization:
         scheme, _, value = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():

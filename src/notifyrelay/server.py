@@ -34,7 +34,7 @@ from .auth import Authenticator, AuthError, Grant, find_token
 from .config import Config, is_loopback, parse_listen
 from .exceptions import ProtocolError
 from .health import Readiness
-from .hub import Client, Hub
+from .hub import Client, Hub, close_bounded
 from .metrics import Metrics
 from .protocol import Command, Ping, Subscribe
 
@@ -167,6 +167,7 @@ class RelayServer:
         self.authenticator = Authenticator.from_config(config.auth)
         self._servers: list[Server] = []
         self.ws_server: Server | None = None
+        self.accepting = True
         self.admin_server: Server | None = None
         # websockets logs every refused request (probes included) at info: keep it to warnings and up.
         self._ws_logger = logging.getLogger("websockets.server")
@@ -233,9 +234,13 @@ class RelayServer:
             self._servers.append(self.admin_server)
 
     def stop_accepting(self) -> None:
-        """Close the listening sockets; open connections stay."""
-        for server in self._servers:
-            server.close(close_connections=False)
+        """Refuse new websocket connections; open ones stay, and the probes keep answering (/readyz: 503).
+
+        With [admin] listen the websocket socket closes. Without it the probes share that socket, so it stays
+        open and /ws is answered 503 instead."""
+        self.accepting = False
+        if self.admin_server is not None and self.ws_server is not None:
+            self.ws_server.close(close_connections=False)
 
     async def close(self) -> None:
         for server in self._servers:
@@ -264,9 +269,12 @@ class RelayServer:
             return self._probe(connection, path)
         if path != WS_PATH:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        if not self.accepting:
+            self.metrics.handshake_rejections.labels("shutting_down").inc()
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
         settings = self.config.server
-        origin = request.headers.get("Origin")
-        if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
+        origins = request.headers.get_all("Origin")  # get() would raise on a repeated header: a 500
+        if settings.allowed_origins and origins and (len(origins) > 1 or origins[0] not in settings.allowed_origins):
             self.metrics.handshake_rejections.labels("origin").inc()
             return connection.respond(HTTPStatus.FORBIDDEN, "origin not allowed\n")
         if self.authenticator is not None:
@@ -280,8 +288,9 @@ class RelayServer:
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
         """Verify the request's token and keep its grant on the connection; a 401 response when refused."""
         assert self.authenticator is not None
-        found = find_token(request.headers, request.path)
+        found = None
         try:
+            found = find_token(request.headers, request.path)
             grant = self.authenticator.authenticate(found.token if found else None)
         except AuthError as exc:
             self.metrics.handshake_rejections.labels("unauthorized").inc()
@@ -326,6 +335,7 @@ class RelayServer:
         if len(self.hub.clients) >= settings.max_connections:
             # Handshakes that passed _route together can overshoot the limit: the latecomers are closed with 1013.
             self.metrics.limit_hits["max_connections"].inc()
+            self.metrics.handshake_rejections.labels("capacity").inc()
             await connection.close(CloseCode.TRY_AGAIN_LATER, "too many connections, try later")
             return
         client = Client(connection, grants=grant.channels if grant else None)
@@ -361,10 +371,18 @@ class RelayServer:
                     else:
                         self._execute(client, command)
                 if connection.paused:
-                    # The client sends but does not read our answers: stop reading it until it drains.
-                    await connection.drain()
-        except ConnectionClosed:
-            pass
+                    # The client sends but does not read our answers: stop reading it until it drains, and not
+                    # forever, or it would hold its connection slot while pings wait behind the same buffer.
+                    try:
+                        async with asyncio.timeout(settings.stall_timeout_s):
+                            await connection.drain()
+                    except TimeoutError:
+                        self.metrics.slow_client_disconnects.inc()
+                        log.info("server.client_not_reading", client=client.id, remote=_peer(connection))
+                        await close_bounded(connection, protocol.CLOSE_SLOW_CLIENT, "too slow: not reading")
+                        break
+        except (ConnectionClosed, ConnectionError):
+            pass  # the peer went away; nothing to report
         except Exception:
             log.exception("server.connection_failed", client=client.id)
             await connection.close(1011, "internal error")
@@ -384,7 +402,7 @@ class RelayServer:
                      rate_limit_per_s=rate.rate_per_s)
             # Not awaited here: the handler must go on reading for the peer's close frame to get through.
             return asyncio.get_running_loop().create_task(
-                client.connection.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+                close_bounded(client.connection, CloseCode.POLICY_VIOLATION, "rate limit exceeded")
             )
         self._reply_error(client, ProtocolError(
             "rate_limited", f"too many frames: at most {rate.rate_per_s:g} a second (bursts of {rate.burst}); "
@@ -397,7 +415,7 @@ class RelayServer:
         await asyncio.sleep(max(0.0, grant.expires_at - time.time()))
         self.metrics.token_expirations.inc()
         log.info("server.token_expired", client=client.id, subject=grant.subject)
-        await client.connection.close(protocol.CLOSE_TOKEN_EXPIRED, "token expired")
+        await close_bounded(client.connection, protocol.CLOSE_TOKEN_EXPIRED, "token expired")
 
     def _count_close(self, connection: ServerConnection) -> None:
         # The peer chooses its close code: label only the codes that mean something here, so it cannot mint series.

@@ -234,3 +234,15 @@ def test_grants_from_claim_shapes() -> None:
     for bad in (None, [], "*", {"a": "1"}, {"a": [1]}, {"a": {"k": 1}}):
         with pytest.raises(AuthError):
             grants_from_claim(bad)
+
+
+def test_a_repeated_authorization_header_is_refused_as_malformed() -> None:
+    """Two Authorization headers are ambiguous: refused (401 at the handshake), never a 500."""
+    from websockets.datastructures import Headers
+
+    from notifyrelay.auth import AuthError, find_token
+
+    headers = Headers([("Authorization", "Bearer a.b.c"), ("Authorization", "Bearer d.e.f")])
+    with pytest.raises(AuthError) as caught:
+        find_token(headers, "/ws")
+    assert caught.value.reason == "malformed"
