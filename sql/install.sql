@@ -32,7 +32,6 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT 1 $$;
 CREATE OR REPLACE FUNCTION notifyrelay.notify_key() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    row_data jsonb;
     key text;
 BEGIN
     IF TG_NARGS <> 2 THEN
@@ -42,11 +41,18 @@ BEGIN
     IF TG_LEVEL <> 'ROW' THEN
         RAISE EXCEPTION 'notifyrelay.notify_key() is a FOR EACH ROW trigger (trigger % of %)', TG_NAME, TG_TABLE_NAME;
     END IF;
-    row_data := to_jsonb(CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END);
-    IF NOT row_data ? TG_ARGV[1] THEN
+    IF TG_WHEN <> 'AFTER' THEN
+        -- As a BEFORE trigger its NULL result would silently cancel the row's write.
+        RAISE EXCEPTION 'notifyrelay.notify_key() must be an AFTER trigger (trigger % of %)', TG_NAME, TG_TABLE_NAME;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_attribute
+                   WHERE attrelid = TG_RELID AND attname = TG_ARGV[1] AND attnum > 0 AND NOT attisdropped) THEN
         RAISE EXCEPTION 'notifyrelay.notify_key(): table % has no column %', TG_TABLE_NAME, TG_ARGV[1];
     END IF;
-    key := row_data ->> TG_ARGV[1];
+    -- The key "as text": the column cast with ::text, as a client's own SELECT key::text would render it.
+    EXECUTE format('SELECT ($1).%I::text', TG_ARGV[1])
+        USING (CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END)
+        INTO key;
     IF key IS NULL THEN
         RETURN NULL;  -- nothing to name
     END IF;

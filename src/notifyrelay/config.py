@@ -27,7 +27,7 @@ Seconds = Annotated[float, Meta(gt=0)]
 ChannelName = Annotated[str, Meta(min_length=1, max_length=63)]
 
 ENV_PREFIX = "NOTIFYRELAY_"
-ENV_NOT_CONFIG = {"NOTIFYRELAY_CONFIG", "NOTIFYRELAY_TEST_DSN"}
+ENV_NOT_CONFIG = {"NOTIFYRELAY_CONFIG", "NOTIFYRELAY_TEST_DSN", "NOTIFYRELAY_HEALTHCHECK_URL"}
 ENV_ALIASES = {
     "NOTIFYRELAY_DSN": ("dsn",),
     "NOTIFYRELAY_DSN_FILE": ("dsn_file",),
@@ -153,7 +153,7 @@ def is_loopback(host: str) -> bool:
 
 def redact_dsn(dsn: str) -> str:
     """The DSN with any password replaced by ``***`` (URL and ``key=value`` forms)."""
-    dsn = re.sub(r"(://[^:/@?]*:)[^@/?]*@", r"\1***@", dsn)
+    dsn = re.sub(r"(://[^:/@?#]*:)[^@]*@", r"\1***@", dsn)
     dsn = re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
     return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", dsn)
 
@@ -291,8 +291,12 @@ def check_dsn(dsn: str, key: str = "dsn") -> None:
     try:
         parts = urlsplit(dsn)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
-    except ValueError as exc:
-        raise ConfigError(f"malformed DSN: {exc}", key=key) from None
+    except ValueError:
+        # Not the parser's words: they can quote part of a password that was not percent-encoded.
+        raise ConfigError(
+            "malformed DSN: its user:password@host:port part cannot be parsed (percent-encode / ? # @ in a password)",
+            key=key,
+        ) from None
     for mode in parse_qs(parts.query).get("sslmode", []):
         if mode not in _SSLMODES:
             raise ConfigError(f"sslmode {mode!r} is not one of {', '.join(_SSLMODES)}", key=key)

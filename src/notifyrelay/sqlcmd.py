@@ -19,9 +19,11 @@ from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import urlsplit
 
-from .config import redact_dsn
+from .config import check_dsn, redact_dsn
 from .exceptions import ConfigError
+from .log import register_secret, scrub
 from .sqlfiles import read_sql
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -100,6 +102,8 @@ def run_sql_command(args: argparse.Namespace, out: TextIO | None = None, err: Te
                 out.write(f"-- sql/{name}\n{text.rstrip()}\n\n")
             return EXIT_OK
         dsn = resolve_sql_dsn(args.dsn)
+        check_dsn(dsn)  # a malformed DSN fails here, in words that quote no part of a password
+        register_secret(urlsplit(dsn).password or "")
     except ConfigError as exc:
         print(f"notifyrelay: {exc}", file=err)
         return EXIT_USAGE
@@ -107,7 +111,8 @@ def run_sql_command(args: argparse.Namespace, out: TextIO | None = None, err: Te
     try:
         version = asyncio.run(apply(dsn, scripts))
     except Exception as exc:  # the command's boundary: say what failed and where, never the password
-        print(f"notifyrelay: sql {args.action} failed on {target}: {str(exc) or type(exc).__name__}", file=err)
+        reason = scrub(str(exc)) or type(exc).__name__
+        print(f"notifyrelay: sql {args.action} failed on {target}: {reason}", file=err)
         return EXIT_ERROR
     if args.action == "install":
         done = ", ".join(name for name, _ in scripts)

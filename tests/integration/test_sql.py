@@ -242,3 +242,39 @@ async def test_stability_reaches_websocket_clients(
     frame = await client.recv_type("notify")
     assert frame["keys"] == ["system"]
     assert frame["payloads"]["system"] == {"scope": "system", "state": "processing", "active": 1}
+
+
+async def test_key_is_the_column_as_text_and_before_triggers_are_refused(
+    examples_db: tuple[Any, Notifications],
+) -> None:
+    """notify_key() sends the key as ::text renders it (timestamps, floats, quoted names; on DELETE too), and refuses
+    to run as a BEFORE trigger, where its NULL result would silently cancel the write."""
+    writer, listener = examples_db
+    await listener.listen("stamps")
+    await writer.execute("""
+        CREATE TABLE stamps ("At" timestamptz, f float8);
+        CREATE TRIGGER stamps_notify AFTER INSERT OR DELETE ON stamps FOR EACH ROW
+            EXECUTE FUNCTION notifyrelay.notify_key('stamps', 'At');
+    """)
+    await writer.execute("INSERT INTO stamps VALUES ('2026-01-02 03:04:05+00', 1e20)")
+    await writer.execute("DELETE FROM stamps")
+    expected = await writer.fetchval("""SELECT '2026-01-02 03:04:05+00'::timestamptz::text""")
+    assert await listener.settle() == [("stamps", expected), ("stamps", expected)]
+    await writer.execute("""
+        CREATE TRIGGER stamps_before BEFORE INSERT ON stamps FOR EACH ROW
+            EXECUTE FUNCTION notifyrelay.notify_key('stamps', 'f');
+    """)
+    with pytest.raises(asyncpg.RaiseError, match="must be an AFTER trigger"):
+        await writer.execute("INSERT INTO stamps VALUES (now(), 1)")
+
+
+def test_sql_command_never_quotes_a_password_from_a_malformed_dsn() -> None:
+    """A password with an unencoded '/' or '?' is neither echoed by the DSN check nor by the failure message."""
+    from notifyrelay.cli import _parser
+    from notifyrelay.sqlcmd import run_sql_command
+
+    for dsn in ("postgresql://relay:s3cr/etPW@127.0.0.1:1/app", "postgresql://relay:Pw_pa?ssword9@127.0.0.1:1/app"):
+        err = io.StringIO()
+        args = _parser().parse_args(["sql", "install", "--dsn", dsn])
+        assert run_sql_command(args, out=io.StringIO(), err=err) == 2
+        assert "s3cr" not in err.getvalue() and "Pw_pa" not in err.getvalue() and "ssword9" not in err.getvalue()

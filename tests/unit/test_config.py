@@ -99,3 +99,19 @@ def test_check_config_loads_the_auth_keys_and_the_dsn_file(tmp_path: Path) -> No
     dsn = tmp_path / "dsn.toml"
     dsn.write_text(f'dsn_file = "{missing}"\n' + MINIMAL)
     assert main(["check-config", "--config", str(dsn)]) == 2
+
+
+def test_malformed_dsn_errors_and_redaction_never_show_the_password() -> None:
+    """A password with unencoded / ? # is neither quoted by the DSN check nor left by redaction."""
+    from notifyrelay.config import check_dsn
+
+    for dsn in ("postgresql://relay:s3cr/etPW@db:5432/app", "postgresql://relay:pa#ssword9@db/app"):
+        with pytest.raises(ConfigError) as caught:
+            check_dsn(dsn)
+        assert "s3cr" not in str(caught.value) and "'pa'" not in str(caught.value)
+    assert redact_dsn("postgresql://relay:s3cr/et?PW@db:5432/app") == "postgresql://relay:***@db:5432/app"
+
+
+def test_the_container_healthcheck_variable_is_not_configuration(tmp_path: Path) -> None:
+    """NOTIFYRELAY_HEALTHCHECK_URL (read by the container's healthcheck) does not stop the daemon starting."""
+    load_config(write(tmp_path, MINIMAL), environ={"NOTIFYRELAY_HEALTHCHECK_URL": "http://127.0.0.1:9/healthz"})
