@@ -117,7 +117,11 @@ class Relay:
                 log.exception("relay.reload_failed")
                 return False
             finally:
-                self.systemd.reloaded(f"relaying {len(self.hub.channels)} channel(s): configuration reloaded")
+                # The status after a reload says what is true now: a listener that is down stays reported down.
+                self.systemd.reloaded(
+                    f"relaying {len(self.hub.channels)} channel(s): configuration reloaded" if self.listener.up
+                    else "listener down: reconnecting to PostgreSQL; configuration reloaded"
+                )
 
     async def _reload(self) -> bool:
         try:

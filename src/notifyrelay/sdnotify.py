@@ -32,6 +32,7 @@ class SystemdNotifier:
         self.address = "\0" + address[1:] if address and address.startswith("@") else address
         self.watchdog_interval_s = watchdog_usec / 2_000_000 if watchdog_usec else None  # ping at half the timeout
         self.ready_sent = False
+        self.stopping_sent = False
         self._socket: socket.socket | None = None
 
     @classmethod
@@ -70,7 +71,9 @@ class SystemdNotifier:
         return True
 
     def ready(self, status: str) -> None:
-        """``READY=1``: startup (or a reload) is complete."""
+        """``READY=1``: startup (or a reload) is complete. Never after STOPPING=1 (a listener first up mid-shutdown)."""
+        if self.stopping_sent:
+            return
         self.ready_sent = True
         self.notify("READY=1", f"STATUS={status}")
 
@@ -89,6 +92,7 @@ class SystemdNotifier:
             self.ready(status)
 
     def stopping(self, status: str = "shutting down") -> None:
+        self.stopping_sent = True
         self.notify("STOPPING=1", f"STATUS={status}")
 
     async def watchdog(self) -> None:

@@ -119,3 +119,15 @@ def test_reloading_carries_monotonic_time_and_only_after_ready(notify_socket: tu
     notifier.reloaded("reloaded")
     assert receive(sock)[0] == "READY=1"
     notifier.close()
+
+
+def test_ready_is_never_sent_after_stopping() -> None:
+    """Once STOPPING=1 went out, a late READY=1 (a listener first up during shutdown) is not sent."""
+    from notifyrelay.sdnotify import SystemdNotifier
+
+    notifier = SystemdNotifier(None)
+    sent: list[tuple[str, ...]] = []
+    notifier.notify = lambda *lines: sent.append(lines)  # type: ignore[method-assign]
+    notifier.stopping()
+    notifier.ready("listener up")
+    assert [lines[0] for lines in sent] == ["STOPPING=1"]
