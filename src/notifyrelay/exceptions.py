@@ -28,13 +28,17 @@ class ConfigError(NotifyRelayError):
 
 
 class ProtocolError(NotifyRelayError):
-    """A client frame is malformed; ``code`` is one of the documented error codes."""
+    """A client frame is malformed; ``code`` is one of the documented error codes. ``limit`` names the [server]
+    limit the frame ran into, if that is why it is refused (each limit has its own metric)."""
 
-    def __init__(self, code: str, message: str, *, request_id: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, *, request_id: str | None = None, limit: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.limit = limit
 
 
 class SubscriptionError(ProtocolError):

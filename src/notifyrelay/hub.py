@@ -3,8 +3,9 @@
 Each distinct frame is encoded once and written to every client that takes it. Writes never wait for a client:
 while a client's write buffer is above its high-water mark (websockets pauses the connection), its notify frames
 are not queued; their keys are folded into a per-client pending set per channel, bounded by what the client
-follows (or by ``max_pending_keys`` for ``*``), and sent as one catch-up frame when it drains. A client stalled
-longer than ``stall_timeout_s`` is closed with 4000. So one stalled client can neither delay nor bloat the others.
+follows (or by ``max_pending_keys``), and sent as one catch-up frame when it drains. A client stalled longer than
+``stall_timeout_s`` is closed with 4000 by its connection (server.RelayConnection). So one stalled client can
+neither delay nor bloat the others.
 """
 
 from __future__ import annotations
@@ -136,7 +137,9 @@ class Hub:
         try:
             self.index.subscribe(client, command.channel, command.keys, limit=self.settings.max_subscriptions)
         except TooManySubscriptions as exc:
-            raise SubscriptionError("too_many_subscriptions", str(exc), request_id=command.id) from None
+            raise SubscriptionError(
+                "too_many_subscriptions", str(exc), request_id=command.id, limit="max_subscriptions"
+            ) from None
         self._metrics.subscriptions.labels(command.channel).set(self.index.channel_count(command.channel))
 
     def unsubscribe(self, client: Client, command: Unsubscribe) -> None:
@@ -209,7 +212,7 @@ class Hub:
         if client.stalled_since is None:
             client.stalled_since = time.monotonic()
             self._metrics.slow_clients.inc()
-            log.info("hub.client_stalled", client=client.id, remote=_remote(client))
+            log.info("hub.client_stalled", client=client.id, remote=peer(client.connection))
             client.catch_up = asyncio.get_running_loop().create_task(self._catch_up(client))
         if batch.channel in client.lagged:
             return
@@ -221,27 +224,19 @@ class Hub:
         for key in keys:
             deferred.keys[key] = payloads[key] if payloads is not None else None
         if len(deferred.keys) > self.settings.max_pending_keys:
-            # Only a "*" follower of a busy channel gets here: keep no keys, tell it to refetch when it drains.
+            # A "*" follower of a busy channel (or one following more keys than the bound): keep no keys, tell it
+            # to refetch when it drains.
             del client.deferred[batch.channel]
             client.lagged[batch.channel] = datetime.now(UTC)
 
     async def _catch_up(self, client: Client) -> None:
-        """Wait for a stalled client to drain, then send what it missed as one frame per channel."""
+        """Wait for a stalled client to drain, then send what it missed as one frame per channel. One that never
+        drains is closed by its connection's stall watchdog (server.RelayConnection), which ends this wait."""
         connection = client.connection
         try:
             while True:
-                try:
-                    async with asyncio.timeout(self.settings.stall_timeout_s):
-                        await connection.drain()
-                except TimeoutError:
-                    self._metrics.slow_client_disconnects.inc()
-                    log.warning("hub.client_too_slow", client=client.id, stall_timeout_s=self.settings.stall_timeout_s)
-                    client.deferred.clear()
-                    client.lagged.clear()
-                    await close_bounded(
-                        connection, protocol.CLOSE_SLOW_CLIENT,
-                        f"too slow: stalled over {self.settings.stall_timeout_s:g}s",
-                    )
+                await connection.drain()
+                if connection.protocol.state is not State.OPEN:
                     return
                 now = datetime.now(UTC)
                 lagged, client.lagged = client.lagged, {}
@@ -258,18 +253,17 @@ class Hub:
                     client.stalled_since = None
                     log.info("hub.client_caught_up", client=client.id)
                     return
-        except (ConnectionClosed, ConnectionError):
+        except (ConnectionClosed, OSError):
             return
         finally:
             client.catch_up = None
 
     def send(self, client: Client, kind: str, frame: bytes) -> None:
         """Write one frame of type ``kind`` to one client now, counted in the metrics."""
-        if client.write(frame):
-            self._sent[kind].inc()
-            self._bytes[kind].inc(len(frame))
+        self._broadcast((client,), kind, frame)
 
     def _broadcast(self, clients: Iterable[Client], kind: str, frame: bytes) -> None:
+        """Write one frame of type ``kind`` to each of ``clients`` now, counted in the metrics."""
         written = sum(1 for client in clients if client.write(frame))
         self._sent[kind].inc(written)
         self._bytes[kind].inc(written * len(frame))
@@ -306,15 +300,14 @@ async def close_bounded(connection: ServerConnection, code: int, reason: str, gr
     try:
         async with asyncio.timeout(grace_s):
             await connection.close(code, reason)
-    except TimeoutError:
-        connection.transport.abort()
-    except Exception:  # already closing or closed: nothing left to do
+    except Exception:  # the grace ran out (TimeoutError), or the connection was already going: cut it
         connection.transport.abort()
 
 
-def _remote(client: Client) -> str:
+def peer(connection: ServerConnection) -> str:
+    """The peer's address as host:port, for log lines."""
     try:
-        host, port = client.connection.remote_address[:2]
+        host, port = connection.remote_address[:2]
         return f"{host}:{port}"
     except (TypeError, ValueError):
         return "?"

@@ -97,7 +97,8 @@ def validate_keys(keys: Any, *, op: str, max_key_bytes: int, request_id: str | N
             raise ProtocolError("bad_request", "every key must be a non-empty string", request_id=request_id)
         if len(key.encode()) > max_key_bytes:
             raise ProtocolError(
-                "bad_request", f"a key is longer than the limit of {max_key_bytes} bytes", request_id=request_id
+                "bad_request", f"a key is longer than the limit of {max_key_bytes} bytes", request_id=request_id,
+                limit="max_key_bytes",
             )
     return tuple(dict.fromkeys(keys))
 

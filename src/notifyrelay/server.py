@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, Counter
+from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
@@ -34,7 +34,7 @@ from .auth import Authenticator, AuthError, Grant, find_token
 from .config import Config, is_loopback, parse_listen
 from .exceptions import ProtocolError
 from .health import Readiness
-from .hub import Client, Hub, close_bounded
+from .hub import Client, Hub, close_bounded, peer
 from .metrics import Metrics
 from .protocol import Command, Ping, Subscribe
 
@@ -95,14 +95,16 @@ class RateLimit:
 
 class RelayConnection(ServerConnection):
     """A server connection that keeps what the handshake learnt (the token's grant and subprotocol), counts
-    handshake timeouts, and stops reading a peer whose answers are backed up."""
+    handshake timeouts, stops reading a peer whose answers are backed up, and closes a peer that stays backed up
+    longer than ``stall_timeout_s``."""
 
-    limit_hits: ClassVar[dict[str, Counter] | None] = None  # set on the per-server subclass made in start()
+    relay: ClassVar[RelayServer | None] = None  # set on the per-server subclass made in start()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.grant: Grant | None = None
         self.token_subprotocol: str | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
 
     def start_keepalive(self) -> None:
         """websockets' keepalive, started after a random part of an interval (its first ping, which websockets
@@ -130,10 +132,26 @@ class RelayConnection(ServerConnection):
     def pause_writing(self) -> None:
         super().pause_writing()
         self._reading(writes_blocked=True)
+        # One watchdog for every way a peer can stop draining: notify frames (the hub folds them meanwhile), the
+        # answers to its own frames, pongs to its pings. Websockets' keepalive cannot catch it: its pings wait
+        # behind the same buffer.
+        if self.relay is not None:
+            timeout = self.relay.config.server.stall_timeout_s
+            self._stall_timer = self.loop.call_later(timeout, self.relay.close_stalled, self)
 
     def resume_writing(self) -> None:
         super().resume_writing()
         self._reading(writes_blocked=False)
+        self._cancel_stall_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_stall_timer()
+        super().connection_lost(exc)
+
+    def _cancel_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
 
     def _reading(self, *, queue_full: bool | None = None, writes_blocked: bool | None = None) -> None:
         was_paused = self._queue_full or self._writes_blocked
@@ -150,8 +168,8 @@ class RelayConnection(ServerConnection):
             await super().handshake(*args, **kwargs)
         except asyncio.CancelledError:
             # serve() enforces open_timeout by cancelling the handshake: the peer did not finish it in time.
-            if self.limit_hits is not None:
-                self.limit_hits["handshake_timeout_s"].inc()
+            if self.relay is not None:
+                self.relay.metrics.limit_hits["handshake_timeout_s"].inc()
             raise
 
 
@@ -169,6 +187,7 @@ class RelayServer:
         self.ws_server: Server | None = None
         self.accepting = True
         self.admin_server: Server | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # closes started by the stall watchdog
         # websockets logs every refused request (probes included) at info: keep it to warnings and up.
         self._ws_logger = logging.getLogger("websockets.server")
 
@@ -204,7 +223,7 @@ class RelayServer:
                 "server.unauthenticated", listen=settings.listen,
                 hint="auth.mode is none: anyone who reaches this address may follow every channel (docs/security.md)",
             )
-        connection_class = type("RelayConnection", (RelayConnection,), {"limit_hits": self.metrics.limit_hits})
+        connection_class = type("RelayConnection", (RelayConnection,), {"relay": self})
         self.ws_server = await serve(
             self._handle,
             host or None,
@@ -252,6 +271,17 @@ class RelayServer:
                 log.warning("server.close_timeout")
         self._servers.clear()
 
+    def close_stalled(self, connection: ServerConnection) -> None:
+        """The stall watchdog fired: the peer has not drained its write buffer for stall_timeout_s."""
+        timeout = self.config.server.stall_timeout_s
+        self.metrics.slow_client_disconnects.inc()
+        log.warning("server.client_too_slow", remote=peer(connection), stall_timeout_s=timeout)
+        task = asyncio.get_running_loop().create_task(
+            close_bounded(connection, protocol.CLOSE_SLOW_CLIENT, f"too slow: stalled over {timeout:g}s")
+        )
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     # HTTP routing.
 
     def _probe(self, connection: ServerConnection, path: str) -> Response:
@@ -297,7 +327,7 @@ class RelayServer:
             self.metrics.auth_failures.labels(exc.reason).inc()
             # Never the token itself: the reason and where it came from are enough to debug a client.
             log.info("server.auth_failed", reason=exc.reason, source=found.source if found else None,
-                     remote=_peer(connection))
+                     remote=peer(connection))
             response = connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc.message}\n")
             response.headers["WWW-Authenticate"] = 'Bearer realm="notifyrelay", error="invalid_token"'
             return response
@@ -371,21 +401,14 @@ class RelayServer:
                     else:
                         self._execute(client, command)
                 if connection.paused:
-                    # The client sends but does not read our answers: stop reading it until it drains, and not
-                    # forever, or it would hold its connection slot while pings wait behind the same buffer.
-                    try:
-                        async with asyncio.timeout(settings.stall_timeout_s):
-                            await connection.drain()
-                    except TimeoutError:
-                        self.metrics.slow_client_disconnects.inc()
-                        log.info("server.client_not_reading", client=client.id, remote=_peer(connection))
-                        await close_bounded(connection, protocol.CLOSE_SLOW_CLIENT, "too slow: not reading")
-                        break
-        except (ConnectionClosed, ConnectionError):
+                    # The client sends but does not read our answers: handle nothing more from it until it drains
+                    # (the connection's stall watchdog closes it if it never does).
+                    await connection.drain()
+        except (ConnectionClosed, OSError):
             pass  # the peer went away; nothing to report
         except Exception:
             log.exception("server.connection_failed", client=client.id)
-            await connection.close(1011, "internal error")
+            await close_bounded(connection, CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             if expiry is not None:
                 expiry.cancel()
@@ -398,7 +421,7 @@ class RelayServer:
         """Refuse a frame over the rate; when it persists, start closing with 1008 and return that task."""
         self.metrics.limit_hits["rate_limit"].inc()
         if rate.strikes > 3 * rate.burst:
-            log.info("server.rate_limit_close", client=client.id, remote=_peer(client.connection),
+            log.info("server.rate_limit_close", client=client.id, remote=peer(client.connection),
                      rate_limit_per_s=rate.rate_per_s)
             # Not awaited here: the handler must go on reading for the peer's close frame to get through.
             return asyncio.get_running_loop().create_task(
@@ -445,11 +468,8 @@ class RelayServer:
 
     def _reply_error(self, client: Client, exc: ProtocolError) -> None:
         self.metrics.client_errors.labels(exc.code).inc()
-        if exc.code == "too_many_subscriptions":
-            self.metrics.limit_hits["max_subscriptions"].inc()
-        elif exc.code == "bad_request" and exc.message.startswith("a key is longer than the limit"):
-            # protocol.validate_keys's wording; tests/integration/test_limits.py pins it.
-            self.metrics.limit_hits["max_key_bytes"].inc()
+        if exc.limit is not None:
+            self.metrics.limit_hits[exc.limit].inc()
         self.hub.send(client, "error", protocol.error(exc.code, exc.message, exc.request_id))
 
 
@@ -462,13 +482,6 @@ def _response(connection: ServerConnection, status: HTTPStatus, body: bytes, con
     response.headers["Cache-Control"] = "no-store"
     return Response(response.status_code, response.reason_phrase, response.headers, body)
 
-
-def _peer(connection: ServerConnection) -> str:
-    try:
-        host, port = connection.remote_address[:2]
-        return f"{host}:{port}"
-    except (TypeError, ValueError):
-        return "?"
 
 
 def _tls_context(cert_file: str, key_file: str) -> ssl.SSLContext | None:

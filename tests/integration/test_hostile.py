@@ -193,3 +193,24 @@ async def test_oversized_handshake_is_refused(relay: Relay) -> None:
     response: Any = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert response == b"" or response.startswith(b"HTTP/1.1 4")
+
+
+async def test_ping_flooder_that_never_reads_is_closed_after_the_stall_timeout(
+    make_relay: RelayFactory, make_client: ClientFactory
+) -> None:
+    """A peer stalled by the pongs it owes (not by anything the relay chose to send) is still closed after
+    stall_timeout_s, so it cannot hold its connection slot forever."""
+    relay = await make_relay(**{"server.write_high_water_bytes": 16384, "server.stall_timeout_s": 0.5})
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", relay.server.port))
+    flooder = await connect(relay.server.url, sock=sock, ping_interval=None, max_queue=1)
+    flooder.transport.pause_reading()
+    for _ in range(40):
+        for _ in range(1000):
+            flooder.protocol.send_ping(b"p" * 125)
+        flooder.send_data()
+        await asyncio.sleep(0.01)
+    await wait_until(lambda: relay.metrics.slow_client_disconnects._value.get() == 1, timeout=10)
+    await wait_until(lambda: not relay.hub.clients, timeout=10)
+    flooder.transport.abort()
