@@ -16,7 +16,7 @@ import structlog
 
 from . import log as logging_setup
 from .coalescer import Coalescer
-from .config import Config, check_dsn, load_config, resolve_dsn
+from .config import Config, check_dsn, dsn_password, load_config, resolve_dsn
 from .exceptions import ConfigError
 from .health import Readiness
 from .hub import Hub
@@ -44,7 +44,7 @@ class Relay:
         names = [c.name for c in config.channels]
         dsn = self.dsn = resolve_dsn(config)
         check_dsn(dsn, "dsn_file" if config.dsn_file else "dsn")
-        logging_setup.register_secret(_password(dsn))
+        logging_setup.register_secret(dsn_password(dsn))
         self.metrics = Metrics()
         self.queue = IngestQueue(config.listener.queue_size)
         self.metrics.ingest_queue_depth.set_function(lambda: len(self.queue))
@@ -178,15 +178,6 @@ class Relay:
         self.server.config = self.config = new
         log.info("relay.reloaded", channels=names)
         return True
-
-
-def _password(dsn: str) -> str:
-    from urllib.parse import urlsplit
-
-    try:
-        return urlsplit(dsn).password or ""
-    except ValueError:
-        return ""
 
 
 async def run_until_signalled(relay: Relay) -> None:

@@ -151,11 +151,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def redact_dsn(dsn: str) -> str:
-    """The DSN with any password replaced by ``***`` (URL and ``key=value`` forms)."""
-    dsn = re.sub(r"(://[^:/@?#]*:)[^@]*@", r"\1***@", dsn)
-    dsn = re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
-    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", dsn)
+_URL_PASSWORD = re.compile(r"(://[^:/@?#\s]*:)[^@\s]*@")  # user:password@ (a password may hold / ? #)
+_KV_PASSWORD = re.compile(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")  # password=... in key=value form
+_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&\s]*")
+
+
+def redact_dsn(text: str) -> str:
+    """``text`` with every DSN password in it replaced by ``***`` (URL, query and ``key=value`` forms). Safe on any
+    text, a log line included: no pattern reaches past white space."""
+    text = _URL_PASSWORD.sub(r"\1***@", text)
+    text = _KV_PASSWORD.sub(r"\1***", text)
+    return _QUERY_PASSWORD.sub(r"\1***", text)
+
+
+def dsn_password(dsn: str) -> str:
+    """The DSN's password ("" when it has none or cannot be parsed), to register as a secret for the logs."""
+    try:
+        return urlsplit(dsn).password or ""
+    except ValueError:
+        return ""
 
 
 def _env_value(raw: str) -> Any:

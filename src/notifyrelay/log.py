@@ -15,9 +15,9 @@ from urllib.parse import unquote
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
+from .config import redact_dsn
+
 _secrets: set[str] = set()
-_DSN_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s/]*@")
-_KV_PASSWORD = re.compile(r"(?i)(password\s*=\s*)\S+")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 _QUERY_TOKEN = re.compile(r"(?i)([?&]token=)[^&\s\"]+")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")  # a JWT wherever it appears
@@ -34,8 +34,7 @@ def scrub(text: str) -> str:
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, "***")
-    text = _DSN_PASSWORD.sub(r"\1***@", text)
-    text = _KV_PASSWORD.sub(r"\1***", text)
+    text = redact_dsn(text)
     text = _BEARER.sub(r"\1***", text)
     text = _QUERY_TOKEN.sub(r"\1***", text)
     return _JWT.sub("***", text)

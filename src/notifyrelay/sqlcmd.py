@@ -19,9 +19,8 @@ from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import TextIO
-from urllib.parse import urlsplit
 
-from .config import check_dsn, redact_dsn
+from .config import check_dsn, dsn_password, redact_dsn
 from .exceptions import ConfigError
 from .log import register_secret, scrub
 from .sqlfiles import read_sql
@@ -103,7 +102,7 @@ def run_sql_command(args: argparse.Namespace, out: TextIO | None = None, err: Te
             return EXIT_OK
         dsn = resolve_sql_dsn(args.dsn)
         check_dsn(dsn)  # a malformed DSN fails here, in words that quote no part of a password
-        register_secret(urlsplit(dsn).password or "")
+        register_secret(dsn_password(dsn))
     except ConfigError as exc:
         print(f"notifyrelay: {exc}", file=err)
         return EXIT_USAGE
