@@ -52,10 +52,6 @@ class KeyExtractor:
         self.commit_time_field = channel.commit_time_field
         self.include_payload = channel.include_payload
 
-    def __call__(self, payload: str) -> tuple[str, Any]:
-        key, value, _ = self.extract(payload)
-        return key, value
-
     def extract(self, payload: str) -> tuple[str, Any, float | None]:
         """The key, the value a notify frame carries, and the commit time (Unix seconds) when configured and given."""
         if self.field is None:

@@ -156,7 +156,6 @@ def test_commit_time_is_optional() -> None:
     assert payload_channel.extract('{"t": 5}') == ('{"t": 5}', '{"t": 5}', 5.0)
     assert payload_channel.extract("42") == ("42", "42", None)
     assert payload_channel.extract("not json") == ("not json", "not json", None)
-    assert payload_channel("42") == ("42", "42")  # the two-value call the core uses elsewhere still works
 
 
 def test_window_carries_every_commit_time_into_its_batch() -> None:
