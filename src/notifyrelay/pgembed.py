@@ -48,6 +48,7 @@ class EmbeddedPostgres:
 
     def __init__(self, port: int | None = None, *, max_connections: int = 100) -> None:
         self._bin = _bin_dir()
+        self._own_port = port is None  # a port we picked may be taken by someone else before the server binds it
         self.port = port or free_port()
         self.max_connections = max_connections
         self.pgdata = Path(tempfile.mkdtemp(prefix="notifyrelay-pg-"))
@@ -93,15 +94,22 @@ class EmbeddedPostgres:
         """Initialise the data directory on first use, then start the server and wait until it accepts."""
         if not (self.pgdata / "PG_VERSION").exists():
             self._run("initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8", "-U", "postgres")
-        options = (
-            f"-h 127.0.0.1 -p {self.port} -k '' -c max_connections={self.max_connections} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        )
-        self._run(
-            "pg_ctl", "-D", str(self.pgdata), "-w", "-t", "30", "-o", options,
-            "-l", str(self.pgdata / "server.log"), "start",
-        )
-        return self
+        for attempt in range(3):
+            options = (
+                f"-h 127.0.0.1 -p {self.port} -k '' -c max_connections={self.max_connections} "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            )
+            try:
+                self._run(
+                    "pg_ctl", "-D", str(self.pgdata), "-w", "-t", "30", "-o", options,
+                    "-l", str(self.pgdata / "server.log"), "start",
+                )
+                return self
+            except RuntimeError as exc:
+                if not (self._own_port and "Address already in use" in str(exc)) or attempt == 2:
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server; ``mode`` is pg_ctl's (smart, fast, immediate). A stopped server is left alone."""

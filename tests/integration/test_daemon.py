@@ -146,20 +146,26 @@ def test_version() -> None:
 
 
 
-async def test_demo_shows_live_progress_and_stops_cleanly_on_ctrl_c() -> None:
+async def test_demo_shows_live_progress_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     """`notifyrelay demo` prints a URL where progress events arrive; SIGINT stops it with status 0."""
+    stderr = (tmp_path / "demo.stderr").open("w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "notifyrelay", "demo", "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE, stderr=stderr, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
     )
+
+    def said() -> str:
+        stderr.seek(0)
+        return "demo's stderr ends: " + stderr.read()[-3000:]
+
     try:
         assert process.stdout is not None
         url = ""
         async with asyncio.timeout(30):
             while not url:
                 line = await asyncio.to_thread(process.stdout.readline)
-                assert line, "the demo exited before printing its URL"
+                assert line, f"the demo exited before printing its URL; {said()}"
                 if line.strip().startswith("websocket:"):
                     url = line.split()[1]
         client = Client(await connect(url + "?channel=activity_progress"))
@@ -168,13 +174,14 @@ async def test_demo_shows_live_progress_and_stops_cleanly_on_ctrl_c() -> None:
         assert frame["channel"] == "activity_progress" and frame["keys"]
         await client.connection.close()
         process.send_signal(signal.SIGINT)
-        assert await asyncio.to_thread(process.wait, 20) == 0
+        assert await asyncio.to_thread(process.wait, 20) == 0, said()
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(10)
         if process.stdout:
             process.stdout.close()
+        stderr.close()
 
 
 def test_malformed_dsn_exits_2_naming_dsn(tmp_path: Path) -> None:
