@@ -28,7 +28,7 @@ from cryptography.x509 import load_pem_x509_certificate
 from websockets.datastructures import Headers
 
 from .config import AuthConfig
-from .exceptions import ConfigError, NotifyRelayError
+from .exceptions import AuthError, ConfigError
 from .log import register_secret
 from .protocol import WILDCARD
 
@@ -40,15 +40,6 @@ _EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES51
 _ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"})
 _SYMMETRIC = frozenset({"HS256", "HS384", "HS512"})
 MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash
-
-
-class AuthError(NotifyRelayError):
-    """A token was missing or not acceptable. ``reason`` is a metric label, ``message`` a sentence for the client."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)

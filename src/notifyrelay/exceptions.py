@@ -2,6 +2,7 @@
 
     NotifyRelayError
     ├── ConfigError          bad configuration: names the key and the file; the CLI exits 2
+    ├── AuthError            a token missing or not acceptable (auth mode jwt): 401 at the handshake
     └── ProtocolError        a client frame the relay cannot act on: becomes an ``error`` frame
         └── SubscriptionError  a well-formed subscribe the relay refuses (unknown channel, limits, forbidden)
 
@@ -25,6 +26,15 @@ class ConfigError(NotifyRelayError):
         if key:
             where += f"{key}: "
         super().__init__(f"{where}{message}" + (f" (in {source})" if source else ""))
+
+
+class AuthError(NotifyRelayError):
+    """A token was missing or not acceptable. ``reason`` is a metric label, ``message`` a sentence for the client."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
 
 
 class ProtocolError(NotifyRelayError):

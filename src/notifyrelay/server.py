@@ -30,9 +30,9 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from . import protocol
-from .auth import Authenticator, AuthError, Grant, find_token
+from .auth import Authenticator, Grant, find_token
 from .config import Config, is_loopback, parse_listen
-from .exceptions import ProtocolError
+from .exceptions import AuthError, ProtocolError
 from .health import Readiness
 from .hub import Client, Hub, close_bounded, peer
 from .metrics import Metrics

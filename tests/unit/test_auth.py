@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from websockets.datastructures import Headers
 
-from notifyrelay.auth import Authenticator, AuthError, find_token, grants_from_claim
+from notifyrelay.auth import Authenticator, find_token, grants_from_claim
 from notifyrelay.config import AuthConfig
-from notifyrelay.exceptions import ConfigError
+from notifyrelay.exceptions import AuthError, ConfigError
 
 SECRET = "an HS256 secret of at least thirty-two bytes"
 CLAIM = {"activity_progress": ["42", "43"], "system_stability": "*"}
@@ -240,7 +240,7 @@ def test_a_repeated_authorization_header_is_refused_as_malformed() -> None:
     """Two Authorization headers are ambiguous: refused (401 at the handshake), never a 500."""
     from websockets.datastructures import Headers
 
-    from notifyrelay.auth import AuthError, find_token
+    from notifyrelay.auth import find_token
 
     headers = Headers([("Authorization", "Bearer a.b.c"), ("Authorization", "Bearer d.e.f")])
     with pytest.raises(AuthError) as caught:
