@@ -16,7 +16,7 @@ import structlog
 
 from . import log as logging_setup
 from .coalescer import Coalescer
-from .config import Config, check_dsn, dsn_password, load_config, resolve_dsn
+from .config import Config, dsn_password, load_config, resolve_dsn
 from .exceptions import ConfigError
 from .health import Readiness
 from .hub import Hub
@@ -43,7 +43,6 @@ class Relay:
         self.overrides = dict(overrides or {})
         names = [c.name for c in config.channels]
         dsn = self.dsn = resolve_dsn(config)
-        check_dsn(dsn, "dsn_file" if config.dsn_file else "dsn")
         logging_setup.register_secret(dsn_password(dsn))
         self.metrics = Metrics()
         self.queue = IngestQueue(config.listener.queue_size)
@@ -127,7 +126,6 @@ class Relay:
         try:
             new = load_config(self.config_path, overrides=self.overrides)
             new_dsn = resolve_dsn(new)
-            check_dsn(new_dsn, "dsn_file" if new.dsn_file else "dsn")
         except ConfigError as exc:
             log.error("relay.reload_rejected", error=str(exc))
             return False

@@ -316,13 +316,22 @@ def check_dsn(dsn: str, key: str = "dsn") -> None:
             raise ConfigError(f"sslmode {mode!r} is not one of {', '.join(_SSLMODES)}", key=key)
 
 
+def read_dsn_file(path: str, *, key: str | None = None, source: str | None = None) -> str:
+    """The DSN held in a file (a secret mounted for the relay), or ConfigError naming where the path came from."""
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the DSN file: {exc.strerror}", key=key, source=source) from None
+
+
 def resolve_dsn(config: Config) -> str:
-    """The DSN to connect with: ``dsn``, else the contents of ``dsn_file``, else "" (libpq's PG* variables)."""
+    """The DSN to connect with: ``dsn``, else the contents of ``dsn_file``, else "" (libpq's PG* variables).
+    Checked with check_dsn, so a malformed one is a ConfigError naming ``dsn`` or ``dsn_file``."""
     if config.dsn_file:
-        try:
-            return Path(config.dsn_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the DSN file: {exc.strerror}", key="dsn_file") from None
+        dsn = read_dsn_file(config.dsn_file, key="dsn_file")
+        check_dsn(dsn, "dsn_file")
+        return dsn
+    check_dsn(config.dsn, "dsn")
     return config.dsn
 
 

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
-from .config import check_dsn, dsn_password, redact_dsn
+from .config import check_dsn, dsn_password, read_dsn_file, redact_dsn
 from .exceptions import ConfigError
 from .log import register_secret, scrub
 from .sqlfiles import read_sql
@@ -58,12 +58,7 @@ def resolve_sql_dsn(flag: str | None, environ: Mapping[str, str] = os.environ) -
     if environ.get("NOTIFYRELAY_DSN"):
         return environ["NOTIFYRELAY_DSN"]
     dsn_file = environ.get("NOTIFYRELAY_DSN_FILE")
-    if dsn_file:
-        try:
-            return Path(dsn_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the DSN file: {exc.strerror}", source="NOTIFYRELAY_DSN_FILE") from None
-    return ""
+    return read_dsn_file(dsn_file, source="NOTIFYRELAY_DSN_FILE") if dsn_file else ""
 
 
 async def apply(dsn: str, scripts: list[tuple[str, str]]) -> int | None:
