@@ -129,43 +129,13 @@ class Relay:
         except ConfigError as exc:
             log.error("relay.reload_rejected", error=str(exc))
             return False
-        old = self.config
-        restart_needed = [
-            key for key, before, after in (
-                ("dsn", self.dsn, new_dsn),
-                ("server.listen", old.server.listen, new.server.listen),
-                ("admin.listen", old.admin.listen, new.admin.listen),
-                ("server.tls_cert_file", old.server.tls_cert_file, new.server.tls_cert_file),
-                ("server.max_message_bytes", old.server.max_message_bytes, new.server.max_message_bytes),
-                ("server.compression", old.server.compression, new.server.compression),
-                ("coalesce", old.coalesce, new.coalesce),
-                ("listener.queue_size", old.listener.queue_size, new.listener.queue_size),
-                ("log.format", old.log.format, new.log.format),
-                ("auth", old.auth, new.auth),
-            ) if before != after
-        ]
-        if restart_needed:
-            log.warning("relay.reload_needs_restart", keys=restart_needed)
         # What needs a restart keeps its running value, so that the config in force (welcome frames, probes,
         # the next reload's comparison) says what the relay really does.
-        new = msgspec.structs.replace(
-            new,
-            dsn=old.dsn,
-            dsn_file=old.dsn_file,
-            coalesce=old.coalesce,
-            auth=old.auth,
-            admin=old.admin,
-            log=msgspec.structs.replace(new.log, format=old.log.format),
-            listener=msgspec.structs.replace(new.listener, queue_size=old.listener.queue_size),
-            server=msgspec.structs.replace(
-                new.server,
-                listen=old.server.listen,
-                tls_cert_file=old.server.tls_cert_file,
-                tls_key_file=old.server.tls_key_file,
-                max_message_bytes=old.server.max_message_bytes,
-                compression=old.server.compression,
-            ),
-        )
+        new, restart_needed = keep_restart_only(self.config, new)
+        if new_dsn != self.dsn:
+            restart_needed.insert(0, "dsn")
+        if restart_needed:
+            log.warning("relay.reload_needs_restart", keys=restart_needed)
         logging_setup.set_level(new.log.level)
         names = [c.name for c in new.channels]
         self.hub.settings = new.server
@@ -176,6 +146,34 @@ class Relay:
         self.server.config = self.config = new
         log.info("relay.reloaded", channels=names)
         return True
+
+
+# What a running relay cannot change (sockets and their options, the queue, the coalescer's windows, the keys):
+# a reload keeps the running values and logs these keys as needing a restart. None: the whole section.
+RESTART_ONLY: dict[str, tuple[str, ...] | None] = {
+    "admin": None,
+    "auth": None,
+    "coalesce": None,
+    "log": ("format",),
+    "listener": ("queue_size",),
+    "server": ("listen", "tls_cert_file", "tls_key_file", "max_message_bytes", "compression",
+               "write_high_water_bytes", "ping_interval_s", "ping_timeout_s", "handshake_timeout_s"),
+}
+
+
+def keep_restart_only(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """``new`` with every restart-only key set back to its running value, and the dotted keys that differed."""
+    changed: list[str] = []
+    sections: dict[str, Any] = {}
+    for section, keys in RESTART_ONLY.items():
+        before, after = getattr(old, section), getattr(new, section)
+        if keys is None:
+            changed += [section] if before != after else []
+            sections[section] = before
+        else:
+            changed += [f"{section}.{key}" for key in keys if getattr(before, key) != getattr(after, key)]
+            sections[section] = msgspec.structs.replace(after, **{key: getattr(before, key) for key in keys})
+    return msgspec.structs.replace(new, dsn=old.dsn, dsn_file=old.dsn_file, **sections), changed
 
 
 async def run_until_signalled(relay: Relay) -> None:

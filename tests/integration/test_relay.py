@@ -253,13 +253,16 @@ async def test_reload_keeps_restart_only_settings_and_survives_an_unreadable_dsn
     dsn_file = folder / "dsn"
     dsn_file.write_text(database.dsn)
     config = folder / "relay.toml"
-    config.write_text(f'dsn_file = "{dsn_file}"\n[coalesce]\nwindow_ms = 1000\n[[channels]]\nname = "{CHANNEL}"\n')
+    config.write_text(f'dsn_file = "{dsn_file}"\n[coalesce]\nwindow_ms = 1000\n[server]\nmax_subscriptions = 7\n'
+                      f'write_high_water_bytes = 2048\n[[channels]]\nname = "{CHANNEL}"\n')
     relay = await make_relay(dsn="", **{"dsn_file": str(dsn_file)})
     relay.config_path = str(config)
     relay.overrides = {"server.listen": "127.0.0.1:0"}
     assert await relay.reload() is True
     client = await make_client(relay)
     assert relay.config.coalesce.window_ms == 200 and relay.server.config.coalesce.window_ms == 200
+    assert relay.config.server.write_high_water_bytes == 65536  # a serve() option: restart only
+    assert relay.hub.settings.max_subscriptions == 7  # a live limit: taken
     dsn_file.unlink()
     assert await relay.reload() is False
     await client.send({"op": "ping"})
