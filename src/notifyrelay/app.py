@@ -14,16 +14,17 @@ from typing import Any
 import msgspec
 import structlog
 
-from . import log as logging_setup
-from .coalescer import Coalescer
 from .config import Config, dsn_password, load_config, resolve_dsn
+from .delivery.hub import Hub
 from .exceptions import ConfigError
-from .health import Readiness
-from .hub import Hub
-from .listener import IngestQueue, Listener
-from .metrics import Metrics
-from .sdnotify import ListenerStatusReporter, SystemdNotifier
-from .server import RelayServer
+from .ops import log as logging_setup
+from .ops.health import Readiness
+from .ops.metrics import Metrics
+from .ops.sdnotify import ListenerStatusReporter, SystemdNotifier
+from .pipeline.coalescer import Coalescer
+from .pipeline.ingest import IngestQueue
+from .pipeline.listener import Listener
+from .transports.server import RelayServer
 
 log = structlog.get_logger("notifyrelay.app")
 

@@ -29,7 +29,7 @@ from websockets.datastructures import Headers
 
 from .config import AuthConfig
 from .exceptions import AuthError, ConfigError
-from .log import register_secret
+from .ops.log import register_secret
 from .protocol import WILDCARD
 
 CHANNELS_CLAIM = "channels"

@@ -17,7 +17,7 @@ import structlog
 from . import __version__
 from .config import load_config, to_toml
 from .exceptions import ConfigError
-from .log import configure_logging
+from .ops.log import configure_logging
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 

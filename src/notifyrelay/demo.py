@@ -15,7 +15,7 @@ import asyncpg
 import structlog
 
 from .config import load_config
-from .log import configure_logging
+from .ops.log import configure_logging
 from .sqlfiles import read_sql
 
 log = structlog.get_logger("notifyrelay.demo")

@@ -22,7 +22,7 @@ from typing import TextIO
 
 from .config import check_dsn, dsn_password, read_dsn_file, redact_dsn
 from .exceptions import ConfigError
-from .log import register_secret, scrub
+from .ops.log import register_secret, scrub
 from .sqlfiles import read_sql
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2

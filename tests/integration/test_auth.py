@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
 from notifyrelay.app import Relay
-from notifyrelay.log import configure_logging
+from notifyrelay.ops.log import configure_logging
 from tests.conftest import Client, ClientFactory, Database, RelayFactory
 
 CHANNEL = "activity_progress"

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from notifyrelay.config import load_config
-from notifyrelay.metrics import Metrics
+from notifyrelay.ops.metrics import Metrics
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (the test extra)")
 

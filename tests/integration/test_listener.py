@@ -9,8 +9,9 @@ from typing import Any
 import asyncpg
 
 from notifyrelay.config import ListenerConfig
-from notifyrelay.listener import IngestQueue, Listener
-from notifyrelay.metrics import Metrics
+from notifyrelay.ops.metrics import Metrics
+from notifyrelay.pipeline.ingest import IngestQueue
+from notifyrelay.pipeline.listener import Listener
 from tests.conftest import Database, wait_until
 
 

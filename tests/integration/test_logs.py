@@ -30,7 +30,7 @@ import structlog
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from notifyrelay.log import configure_logging, register_secret
+from notifyrelay.ops.log import configure_logging, register_secret
 from tests.conftest import Database, wait_until
 
 CHANNEL = "activity_progress"

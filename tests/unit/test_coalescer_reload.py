@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from notifyrelay.coalescer import Batch, Coalescer
 from notifyrelay.config import ChannelConfig, CoalesceConfig
-from notifyrelay.listener import IngestQueue
-from notifyrelay.metrics import Metrics
+from notifyrelay.ops.metrics import Metrics
+from notifyrelay.pipeline.coalescer import Batch, Coalescer
+from notifyrelay.pipeline.ingest import IngestQueue
 
 
 class Sink:

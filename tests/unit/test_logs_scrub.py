@@ -1,6 +1,6 @@
 """Secrets are scrubbed from log text whatever carries them."""
 
-from notifyrelay.log import scrub
+from notifyrelay.ops.log import scrub
 
 
 def test_jwt_shaped_strings_are_scrubbed_anywhere() -> None:

@@ -9,9 +9,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from notifyrelay import __version__
-from notifyrelay.coalescer import ChannelWindow, KeyExtractor
 from notifyrelay.config import ChannelConfig
-from notifyrelay.metrics import Metrics
+from notifyrelay.ops.metrics import Metrics
+from notifyrelay.pipeline.coalescer import ChannelWindow, KeyExtractor
 
 # SPEC's list: name (without the prefix) -> (type, label names).
 SPEC_METRICS = {

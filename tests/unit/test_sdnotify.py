@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from notifyrelay.sdnotify import SystemdNotifier
+from notifyrelay.ops.sdnotify import SystemdNotifier
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_reloading_carries_monotonic_time_and_only_after_ready(notify_socket: tu
 
 def test_ready_is_never_sent_after_stopping() -> None:
     """Once STOPPING=1 went out, a late READY=1 (a listener first up during shutdown) is not sent."""
-    from notifyrelay.sdnotify import SystemdNotifier
+    from notifyrelay.ops.sdnotify import SystemdNotifier
 
     notifier = SystemdNotifier(None)
     sent: list[tuple[str, ...]] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from notifyrelay.subscriptions import SubscriptionIndex, TooManySubscriptions
+from notifyrelay.delivery.subscriptions import SubscriptionIndex, TooManySubscriptions
 
 
 def test_route_splits_wildcard_and_key_followers_in_batch_order() -> None:

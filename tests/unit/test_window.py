@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from notifyrelay.coalescer import Batch, ChannelWindow
+from notifyrelay.pipeline.coalescer import Batch, ChannelWindow
 
 WINDOW = 0.2
 

@@ -19,7 +19,7 @@ from datetime import datetime
 
 import structlog
 
-from .listener import ListenerObserver
+from ..pipeline.listener import ListenerObserver
 
 log = structlog.get_logger("notifyrelay.sdnotify")
 

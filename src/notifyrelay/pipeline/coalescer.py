@@ -16,9 +16,9 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
-from .config import ChannelConfig, CoalesceConfig
-from .listener import IngestQueue
-from .metrics import Metrics
+from ..config import ChannelConfig, CoalesceConfig
+from ..ops.metrics import Metrics
+from .ingest import IngestQueue
 
 log = structlog.get_logger("notifyrelay.coalescer")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import Generic, TypeVar
 
-from .protocol import WILDCARD
+from ..protocol import WILDCARD
 
 C = TypeVar("C", bound=Hashable)
 

@@ -17,7 +17,6 @@ import os
 import secrets
 import socket
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -26,56 +25,11 @@ import asyncpg
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from .config import ListenerConfig
-from .metrics import Metrics
+from ..config import ListenerConfig
+from ..ops.metrics import Metrics
+from .ingest import IngestQueue
 
 log = structlog.get_logger("notifyrelay.listener")
-
-Notification = tuple[str, str, float]  # channel, payload, monotonic receive time
-
-
-class IngestQueue:
-    """A bounded FIFO between the asyncpg callback and the coalescer; never blocks the producer."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._items: deque[Notification] = deque()
-        self._overflow: dict[str, datetime] = {}
-        self._ready = asyncio.Event()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, channel: str, payload: str) -> bool:
-        """Enqueue a notification; when full, drop it and mark its channel for an ``overflow`` resync."""
-        if len(self._items) >= self.maxsize:
-            self._overflow.setdefault(channel, datetime.now(UTC))
-            self._ready.set()
-            return False
-        self._items.append((channel, payload, time.monotonic()))
-        self._ready.set()
-        return True
-
-    async def get_all(self, timeout: float | None) -> deque[Notification]:
-        """Wait up to ``timeout`` seconds (None: forever) for something to arrive, then take everything queued."""
-        if not self._items and not self._overflow and (timeout is None or timeout > 0):
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._ready.wait()
-            except TimeoutError:
-                pass
-        self._ready.clear()
-        return self.take_nowait()
-
-    def take_nowait(self) -> deque[Notification]:
-        items, self._items = self._items, deque()
-        return items
-
-    def take_overflow(self) -> dict[str, datetime]:
-        """Channels that lost notifications since the last call, with the time of their first loss."""
-        overflow, self._overflow = self._overflow, {}
-        return overflow
-
 
 class ListenerObserver(Protocol):
     """Told about the listener's state changes (the hub, which turns them into status and resync frames)."""

@@ -17,7 +17,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from . import __version__
+from .. import __version__
 
 # The *_created series double the exposition for no operator benefit.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client

@@ -29,14 +29,14 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from . import protocol
-from .auth import Authenticator, Grant, find_token
-from .config import Config, is_loopback, parse_listen
-from .exceptions import AuthError, ProtocolError
-from .health import Readiness
-from .hub import Client, Hub, close_bounded, peer
-from .metrics import Metrics
-from .protocol import Command, Ping, Subscribe
+from .. import protocol
+from ..auth import Authenticator, Grant, find_token
+from ..config import Config, is_loopback, parse_listen
+from ..delivery.hub import Client, Hub, close_bounded, peer
+from ..exceptions import AuthError, ProtocolError
+from ..ops.health import Readiness
+from ..ops.metrics import Metrics
+from ..protocol import Command, Ping, Subscribe
 
 log = structlog.get_logger("notifyrelay.server")
 WS_PATH = "/ws"

@@ -15,7 +15,7 @@ from urllib.parse import unquote
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-from .config import redact_dsn
+from ..config import redact_dsn
 
 _secrets: set[str] = set()
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")

@@ -24,13 +24,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
-from . import protocol
-from .coalescer import Batch
-from .config import ServerConfig
-from .exceptions import SubscriptionError
-from .metrics import Metrics
-from .protocol import Subscribe, Unsubscribe
-from .subscriptions import SubscriptionIndex, TooManySubscriptions
+from .. import protocol
+from ..config import ServerConfig
+from ..delivery.subscriptions import SubscriptionIndex, TooManySubscriptions
+from ..exceptions import SubscriptionError
+from ..ops.metrics import Metrics
+from ..pipeline.coalescer import Batch
+from ..protocol import Subscribe, Unsubscribe
 
 log = structlog.get_logger("notifyrelay.hub")
 
