@@ -61,6 +61,13 @@ class ServerConfig(_Section):
     # finding it empty is answered rate_limited; 3 x rate_limit_burst refused before it refills closes with 1008.
     rate_limit_per_s: Annotated[float, Meta(gt=0)] = 20.0
     rate_limit_burst: PositiveInt = 100
+    # SSE and NDJSON streams: a comment line (SSE) or a {"type":"keepalive"} line (NDJSON) this often, so that
+    # proxies keep an idle stream open.
+    keepalive_s: Seconds = 15.0
+    # The live page at /ui (off by default; the demo turns it on).
+    ui: bool = False
+    # Processes sharing the port (SO_REUSEPORT), each with its own LISTEN connection; 1 is a single process.
+    workers: Annotated[int, Meta(ge=1, le=64)] = 1
 
 
 class AdminConfig(_Section):
@@ -96,6 +103,43 @@ class LogConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class HistoryConfig(_Section):
+    """What each process remembers of when keys changed, so that clients resume with ``since``."""
+
+    max_keys: PositiveInt = 100_000
+    overlap_ms: NonNegativeInt = 1000
+
+
+class StateConfig(_Section):
+    """The connection pool for state queries (never the LISTEN connection)."""
+
+    dsn: str = ""
+    pool_size: Annotated[int, Meta(ge=1, le=100)] = 2
+
+
+class ChannelStateConfig(_Section):
+    """How to fetch the current row of a key: ``table``/``key_column``/``columns``, or a full ``query``."""
+
+    table: str = ""
+    key_column: str = "id"
+    columns: list[str] = []
+    query: str = ""
+    list_query: str = ""
+    timeout_ms: PositiveInt = 1000
+    max_row_bytes: PositiveInt = 8192
+
+
+class ProgressConfig(_Section):
+    """Progress semantics over a state channel's columns."""
+
+    done: str = ""
+    total: str = ""
+    status: str = ""
+    terminal: list[str] = msgspec.field(default_factory=lambda: ["complete", "failed", "cancelled"])
+    failed: list[str] = msgspec.field(default_factory=lambda: ["failed"])
+    stall_after_s: Seconds = 60.0
+
+
 class ShutdownConfig(_Section):
     timeout_s: Seconds = 10.0
 
@@ -107,6 +151,8 @@ class ChannelConfig(_Section):
     # A JSON payload field holding when the change was committed (Unix seconds, or ISO 8601; no offset means UTC):
     # feeds notifyrelay_commit_to_delivery_seconds. Empty: not measured.
     commit_time_field: str = ""
+    state: ChannelStateConfig | None = None
+    progress: ProgressConfig | None = None
 
     @property
     def json_field(self) -> str | None:
@@ -124,10 +170,9 @@ class Config(_Section):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     shutdown: ShutdownConfig = msgspec.field(default_factory=ShutdownConfig)
+    history: HistoryConfig = msgspec.field(default_factory=HistoryConfig)
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
     channels: list[ChannelConfig] = []
-
-    def channel(self, name: str) -> ChannelConfig | None:
-        return next((c for c in self.channels if c.name == name), None)
 
 
 def parse_listen(value: str, key: str = "server.listen") -> tuple[str, int]:
