@@ -1,0 +1,1 @@
+../../src/notifyrelay/static/client.js
