@@ -27,7 +27,9 @@ Seconds = Annotated[float, Meta(gt=0)]
 ChannelName = Annotated[str, Meta(min_length=1, max_length=63)]
 
 ENV_PREFIX = "NOTIFYRELAY_"
-ENV_NOT_CONFIG = {"NOTIFYRELAY_CONFIG", "NOTIFYRELAY_TEST_DSN", "NOTIFYRELAY_HEALTHCHECK_URL"}
+# NOTIFYRELAY_WORKER and NOTIFYRELAY_WORKER_DIR: set by the supervisor for its workers (ops/workers.py).
+ENV_NOT_CONFIG = {"NOTIFYRELAY_CONFIG", "NOTIFYRELAY_TEST_DSN", "NOTIFYRELAY_HEALTHCHECK_URL",
+                  "NOTIFYRELAY_WORKER", "NOTIFYRELAY_WORKER_DIR"}
 ENV_ALIASES = {
     "NOTIFYRELAY_DSN": ("dsn",),
     "NOTIFYRELAY_DSN_FILE": ("dsn_file",),
@@ -85,6 +87,7 @@ class ListenerConfig(_Section):
     connect_timeout_s: Seconds = 5.0
     reconnect_initial_s: Seconds = 0.1
     reconnect_max_s: Seconds = 10.0
+    probe_interval_s: Annotated[float, Meta(gt=0, le=1)] = 0.5
     queue_size: Annotated[int, Meta(ge=16)] = 100_000
     application_name: Annotated[str, Meta(min_length=1, max_length=63)] = "notifyrelay"
 
