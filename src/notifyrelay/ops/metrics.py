@@ -142,3 +142,29 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+        # Live state.
+        self.state_queries = Counter(
+            f"{p}state_queries", "State queries, by outcome: ok, timeout, query_failed, too_large (rows left out).",
+            ["channel", "outcome"], registry=r,
+        )
+        self.state_query_seconds = Histogram(
+            f"{p}state_query_seconds", "Duration of state queries, pool wait included.", ["channel"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.state_rows_dropped = Counter(
+            f"{p}state_rows_dropped", "Rows a state query returned that reach no client, by reason: unasked_key, "
+            "duplicate_key, too_large.", ["channel", "reason"], registry=r,
+        )
+        self.snapshots = Counter(f"{p}snapshots", "Snapshot frames sent.", ["channel"], registry=r)
+        self.stalled_keys = Gauge(
+            f"{p}stalled_keys", "Active keys whose row has not changed for stall_after_s.", ["channel"], registry=r
+        )
+
+        # Resume.
+        self.resumes = Counter(
+            f"{p}resumes", "Resume requests (since=TS), by outcome: replayed, snapshot, resync.", ["outcome"],
+            registry=r,
+        )
+        self.history_keys = Gauge(
+            f"{p}history_keys", "Keys whose last change this process remembers, for resume.", ["channel"], registry=r
+        )
