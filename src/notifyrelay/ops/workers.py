@@ -69,6 +69,8 @@ def reserve_port(listen: str, key: str) -> tuple[socket.socket, str]:
                                                          flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     try:
+        # SO_REUSEADDR as asyncio's servers set it: without it, TIME_WAIT connections of a previous relay (without
+        # SO_REUSEPORT, workers = 1) would keep the port from being reserved for a minute.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
