@@ -39,11 +39,17 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate the configuration and print it, secrets redacted")
     _config_option(check)
 
-    watch = commands.add_parser("watch", help="connect to a relay and print each event as it arrives")
+    watch = commands.add_parser(
+        "watch", help="follow keys on a relay: progress bars on a terminal, one line per change through a pipe"
+    )
     watch.add_argument("url", metavar="URL", help="the relay's websocket URL, e.g. ws://127.0.0.1:8765/ws")
     watch.add_argument("--channel", help="channel to follow (default: the first the relay offers)")
     watch.add_argument("--key", action="append", default=[], help="key to follow; repeat it; none means every key")
-    watch.add_argument("--token", help="bearer token (auth mode jwt)")
+    watch.add_argument("--token", default=os.environ.get("NOTIFYRELAY_TOKEN"),
+                       help="bearer token (auth mode jwt; default: $NOTIFYRELAY_TOKEN)")
+    watch.add_argument("--until-done", action="store_true",
+                       help="exit once every followed key has ended: 0 if none failed, 1 if any did")
+    watch.add_argument("--json", action="store_true", help="print the relay's frames as NDJSON, one per line")
 
     demo = commands.add_parser("demo", help="an embedded PostgreSQL, a simulated worker and the relay, in one go")
     demo.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8765")
@@ -85,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "watch":
             from .watch import watch
 
-            return asyncio.run(watch(args.url, channel=args.channel, keys=args.key, token=args.token))
+            return asyncio.run(watch(args.url, channel=args.channel, keys=args.key, token=args.token,
+                                     until_done=args.until_done, json_output=args.json))
         from .demo import run_demo
 
         return run_demo(args.listen)
