@@ -131,17 +131,6 @@ class Metrics:
             "From the commit timestamp a JSON payload carries (channel commit_time_field) to its frames being written.",
             ["channel"], buckets=COMMIT_BUCKETS, registry=r,
         )
-
-    def declare_channel(self, channel: str, *, commit_time: bool = False) -> None:
-        """Create a channel's series at zero, so that rate() and alerts see them before its first notification."""
-        for family in (self.notifications_received, self.notifications_coalesced, self.batches, self.bad_payloads,
-                       self.ingest_overflows, self.subscriptions):
-            family.labels(channel)
-        if commit_time:
-            self.commit_to_delivery.labels(channel)
-
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
         # Live state.
         self.state_queries = Counter(
             f"{p}state_queries", "State queries, by outcome: ok, timeout, query_failed, too_large (rows left out).",
@@ -160,11 +149,13 @@ class Metrics:
             f"{p}stalled_keys", "Active keys whose row has not changed for stall_after_s.", ["channel"], registry=r
         )
 
-        # Resume.
-        self.resumes = Counter(
-            f"{p}resumes", "Resume requests (since=TS), by outcome: replayed, snapshot, resync.", ["outcome"],
-            registry=r,
-        )
-        self.history_keys = Gauge(
-            f"{p}history_keys", "Keys whose last change this process remembers, for resume.", ["channel"], registry=r
-        )
+    def declare_channel(self, channel: str, *, commit_time: bool = False) -> None:
+        """Create a channel's series at zero, so that rate() and alerts see them before its first notification."""
+        for family in (self.notifications_received, self.notifications_coalesced, self.batches, self.bad_payloads,
+                       self.ingest_overflows, self.subscriptions):
+            family.labels(channel)
+        if commit_time:
+            self.commit_to_delivery.labels(channel)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
