@@ -79,7 +79,7 @@ async def make_relay(database: Database) -> AsyncIterator[RelayFactory]:
         running.append((relay, task))
         await asyncio.wait_for(relay.started.wait(), 10)
         if wait_ready:
-            await wait_until(lambda: relay.listener.up, timeout=10)
+            await wait_until(lambda: relay.hub.listener_is_up, timeout=10)
         return relay
 
     yield start

@@ -1,12 +1,14 @@
 """Wiring: the one place that builds the stages, runs them together and shuts them down in order.
 
-    PostgreSQL --LISTEN--> Listener --IngestQueue--> Coalescer --Batch--> Hub --frames--> websocket clients
+    PostgreSQL --LISTEN--> Listener --IngestQueue--> Coalescer --Batch--> Pipeline (a stream per channel:
+    history, state) --> Hub --> Sessions --> transports (websocket, SSE, NDJSON on one HTTP server)
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +26,8 @@ from .ops.sdnotify import ListenerStatusReporter, SystemdNotifier
 from .pipeline.coalescer import Coalescer
 from .pipeline.ingest import IngestQueue
 from .pipeline.listener import Listener
-from .transports.server import RelayServer
+from .pipeline.streams import Pipeline
+from .transports.http import RelayServer
 
 log = structlog.get_logger("notifyrelay.app")
 
@@ -46,16 +49,21 @@ class Relay:
         dsn = self.dsn = resolve_dsn(config)
         logging_setup.register_secret(dsn_password(dsn))
         self.metrics = Metrics()
+        self.instance = secrets.token_hex(6)  # this process's life, in welcome frames and logs
         self.queue = IngestQueue(config.listener.queue_size)
         self.metrics.ingest_queue_depth.set_function(lambda: len(self.queue))
-        self.hub = Hub(config.server, names, self.metrics)
-        self.coalescer = Coalescer(config.channels, config.coalesce, self.queue, self.hub, self.metrics)
+        self.hub = Hub(config.server, names, self.metrics, instance=self.instance, window_ms=config.coalesce.window_ms)
+        self.pipeline = Pipeline(config.channels, history=config.history, delivery=self.hub, metrics=self.metrics)
+        self.hub.request = self.pipeline.request  # snapshot and replay requests go back up to the channel's stream
+        self.hub.stateful.update(self.pipeline.stateful())
+        self.coalescer = Coalescer(config.channels, config.coalesce, self.queue, self.pipeline, self.metrics)
         # systemd (Type=notify) hears READY=1 when the listener is first up, STATUS= on every change after.
         self.systemd = SystemdNotifier.from_environ()
-        reporter = ListenerStatusReporter(self.hub, self.systemd)
+        reporter = ListenerStatusReporter(self.pipeline, self.systemd)
         self.listener = Listener(dsn, names, config.listener, self.queue, reporter, self.metrics)
         self.readiness = Readiness(self.listener)
-        self.server = RelayServer(config, self.hub, self.readiness, self.metrics)
+        self.server = RelayServer(config, self.hub, self.readiness, self.metrics,
+                                  reuse_port=config.server.workers > 1)
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self.started = asyncio.Event()
@@ -66,13 +74,14 @@ class Relay:
     async def run(self) -> None:
         """Serve until ``request_stop()``, then shut down in order. A crashed stage raises out of here."""
         await self.server.start()
-        log.info("relay.started", url=self.server.url, admin_port=self.server.admin_port,
+        log.info("relay.started", url=self.server.url, admin_port=self.server.admin_port, instance=self.instance,
                  channels=self.hub.channels, window_ms=self.config.coalesce.window_ms)
         try:
             async with asyncio.TaskGroup() as group:
                 stages = [
                     group.create_task(self.listener.run(), name="listener"),
                     group.create_task(self.coalescer.run(), name="coalescer"),
+                    group.create_task(self.pipeline.run(), name="pipeline"),
                     group.create_task(self.systemd.watchdog(), name="watchdog"),
                 ]
                 self.started.set()
@@ -88,18 +97,21 @@ class Relay:
 
     async def _shutdown(self) -> None:
         timeout = self.config.shutdown.timeout_s
-        self.systemd.stopping(f"shutting down: closing {len(self.hub.clients)} client(s)")
-        log.info("relay.shutting_down", timeout_s=timeout, clients=len(self.hub.clients))
+        self.systemd.stopping(f"shutting down: closing {len(self.hub)} client(s)")
+        log.info("relay.shutting_down", timeout_s=timeout, clients=len(self.hub))
         # 1. Stop being ready, so that load balancers stop sending new clients.
         self.readiness.shutting_down = True
         # 2. Stop accepting connections.
         self.server.stop_accepting()
         try:
             async with asyncio.timeout(timeout):
-                # 3. Flush the last window, so nothing received is kept from clients.
+                # 3. Flush the last window through every channel's stream, so nothing received is kept from clients.
                 self.coalescer.flush_all()
-                # 4. Close every client with 1001 (going away).
-                await self.hub.close_all(1001, "server shutting down")
+                await self.pipeline.idle()
+                # 4. Close every client with 1001 (going away): websockets with a close frame, streams with a
+                #    close event or line; each transport cuts off a peer that does not finish within its grace.
+                self.hub.close_all(1001, "server shutting down")
+                await self.hub.emptied()
                 # 5. Close the database connection.
                 await self.listener.close()
         except TimeoutError:
@@ -140,7 +152,8 @@ class Relay:
         logging_setup.set_level(new.log.level)
         names = [c.name for c in new.channels]
         self.hub.settings = new.server
-        self.hub.set_channels(names)
+        self.pipeline.set_channels(new.channels, {})
+        self.hub.set_channels(names, self.pipeline.stateful())
         self.coalescer.set_channels(new.channels)
         self.listener.settings = new.listener
         await self.listener.set_channels(names)

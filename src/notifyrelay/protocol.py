@@ -1,7 +1,8 @@
-"""The websocket protocol: parsing client frames and encoding server frames (pure, no I/O).
+"""The relay's protocol: parsing client frames and encoding server frames (pure, no I/O).
 
-Frames are JSON text. Encoders return UTF-8 bytes so that one encoded frame can be written to many connections.
-Every way a client frame can be wrong maps to a ProtocolError with a documented code and a sentence.
+Frames are JSON. Encoders return UTF-8 bytes so that one encoded frame can be written to many connections, over
+any transport (websocket, SSE, NDJSON frame them differently; transports/framing.py). Every way a client frame
+can be wrong maps to a ProtocolError with a documented code and a sentence.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 
 from .exceptions import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 WILDCARD = "*"
 MAX_ID_LENGTH = 128
 
@@ -33,6 +34,7 @@ class Subscribe:
     keys: tuple[str, ...]
     id: str | None = None
     op: Literal["subscribe"] = "subscribe"
+    since: int | None = None  # a resume position: the last ``ts`` the client saw (Unix ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +83,8 @@ def parse_frame(data: str | bytes, *, max_key_bytes: int) -> Command:
         raise ProtocolError("bad_request", f"{op} needs a non-empty \"channel\" string", request_id=request_id)
     keys = validate_keys(frame.get("keys"), op=op, max_key_bytes=max_key_bytes, request_id=request_id)
     if op == "subscribe":
-        return Subscribe(channel=channel, keys=keys, id=request_id)
+        since = validate_since(frame.get("since"), request_id)
+        return Subscribe(channel=channel, keys=keys, id=request_id, since=since)
     return Unsubscribe(channel=channel, keys=keys, id=request_id)
 
 
@@ -103,13 +106,27 @@ def validate_keys(keys: Any, *, op: str, max_key_bytes: int, request_id: str | N
     return tuple(dict.fromkeys(keys))
 
 
+def validate_since(since: Any, request_id: str | None = None) -> int | None:
+    """A resume position: a non-negative integer (Unix ms), or None when absent."""
+    if since is None:
+        return None
+    if isinstance(since, str) and since.isdigit() and len(since) <= 16:
+        since = int(since)
+    if isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 2**53:
+        raise ProtocolError(
+            "bad_request", "\"since\" must be the \"ts\" of a frame you received (Unix milliseconds, an integer)",
+            request_id=request_id,
+        )
+    return since
+
+
 def _with_id(frame: dict[str, Any], request_id: str | None) -> dict[str, Any]:
     if request_id is not None:
         frame["id"] = request_id
     return frame
 
 
-def welcome(*, window_ms: int, channels: Sequence[str], listener_up: bool) -> bytes:
+def welcome(*, window_ms: int, channels: Sequence[str], listener_up: bool, instance: str) -> bytes:
     return _encode(
         {
             "type": "welcome",
@@ -117,6 +134,7 @@ def welcome(*, window_ms: int, channels: Sequence[str], listener_up: bool) -> by
             "window_ms": window_ms,
             "channels": list(channels),
             "listener": "up" if listener_up else "down",
+            "instance": instance,
         }
     )
 
@@ -139,12 +157,59 @@ def error(code: str, message: str, request_id: str | None = None) -> bytes:
     return _encode(frame)
 
 
-def notify(channel: str, seq: int, keys: Iterable[str], payloads: Mapping[str, Any] | None = None) -> bytes:
+class Rows(Protocol):
+    """Fetched state for a batch's keys (pipeline/state.py's StateResult), as frames carry it."""
+
+    rows: dict[str, Any]
+    gone: list[str]
+    progress: dict[str, Any] | None
+    error: str | None
+    error_keys: list[str]
+
+
+def _add_rows(frame: dict[str, Any], keys: list[str], state: Rows) -> None:
+    """Only ``keys``' part of ``state``: a client is never sent a row of a key it does not follow."""
+    rows, progress = state.rows, state.progress
+    frame["rows"] = {key: rows[key] for key in keys if key in rows}
+    if state.gone:
+        wanted = set(keys)
+        frame["gone"] = [key for key in state.gone if key in wanted]
+    if progress is not None:
+        frame["progress"] = {key: progress[key] for key in keys if key in progress}
+    if state.error is not None:
+        frame["state_error"] = state.error
+        if state.error_keys:
+            wanted = set(keys)
+            frame["state_error_keys"] = [key for key in state.error_keys if key in wanted]
+
+
+def notify(
+    channel: str,
+    seq: int,
+    ts: int,
+    keys: Iterable[str],
+    payloads: Mapping[str, Any] | None = None,
+    *,
+    state: Rows | None = None,
+    replay: bool = False,
+) -> bytes:
     """A notify frame. ``payloads`` values are strings or ``msgspec.Raw`` JSON, written as they are."""
     keys = list(keys)
-    frame: dict[str, Any] = {"type": "notify", "channel": channel, "seq": seq, "keys": keys}
+    frame: dict[str, Any] = {"type": "notify", "channel": channel, "seq": seq, "ts": ts, "keys": keys}
+    if replay:
+        frame["replay"] = True
     if payloads is not None:
-        frame["payloads"] = {key: payloads[key] for key in keys}
+        frame["payloads"] = {key: payloads[key] for key in keys if key in payloads}
+    if state is not None:
+        _add_rows(frame, keys, state)
+    return _encode(frame)
+
+
+def snapshot(channel: str, seq: int, ts: int, keys: Iterable[str], state: Rows) -> bytes:
+    """The current rows of ``keys`` (after a subscribe, or instead of a resync on a state channel)."""
+    frame: dict[str, Any] = {"type": "snapshot", "channel": channel, "seq": seq, "ts": ts}
+    _add_rows(frame, list(keys), state)
+    frame.setdefault("gone", [])
     return _encode(frame)
 
 
@@ -152,7 +217,7 @@ def status(listener_up: bool) -> bytes:
     return _encode({"type": "status", "listener": "up" if listener_up else "down"})
 
 
-def resync(channel: str, reason: str, gap_start: datetime, gap_end: datetime) -> bytes:
+def resync(channel: str, reason: str, gap_start: datetime, gap_end: datetime, ts: int) -> bytes:
     return _encode(
         {
             "type": "resync",
@@ -160,5 +225,16 @@ def resync(channel: str, reason: str, gap_start: datetime, gap_end: datetime) ->
             "reason": reason,
             "gap_start": gap_start.isoformat(timespec="milliseconds"),
             "gap_end": gap_end.isoformat(timespec="milliseconds"),
+            "ts": ts,
         }
     )
+
+
+def keepalive() -> bytes:
+    """An NDJSON stream's keepalive line (SSE sends a comment line instead)."""
+    return b'{"type":"keepalive"}'
+
+
+def close(code: int, reason: str) -> bytes:
+    """The last frame of an SSE or NDJSON stream, saying why it ends (a websocket has its close frame instead)."""
+    return _encode({"type": "close", "code": code, "reason": reason})

@@ -1,151 +1,150 @@
-"""Fan-out: batches, status and resync frames to the websocket clients that follow them.
+"""Fan-out: batches, snapshots, status and resync frames to the sessions that follow them, over any transport.
 
-Each distinct frame is encoded once and written to every client that takes it. Writes never wait for a client:
-while a client's write buffer is above its high-water mark (websockets pauses the connection), its notify frames
-are not queued; their keys are folded into a per-client pending set per channel, bounded by what the client
-follows (or by ``max_pending_keys``), and sent as one catch-up frame when it drains. A client stalled longer than
-``stall_timeout_s`` is closed with 4000 by its connection (server.RelayConnection). So one stalled client can
-neither delay nor bloat the others.
+Each distinct frame is encoded once (and framed once per framing, delivery/transport.py) and written to every
+client that takes it. Writes never wait for a client: while a client's transport is paused (its write buffer above
+the high-water mark) its live batches are folded into its session (delivery/session.py) and sent as one catch-up
+when it drains; its transport closes it after ``stall_timeout_s``. So one stalled client can neither delay nor
+bloat the others.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
-from websockets.frames import Frame, Opcode
-from websockets.protocol import State
 
 from .. import protocol
 from ..config import ServerConfig
-from ..delivery.subscriptions import SubscriptionIndex, TooManySubscriptions
-from ..exceptions import SubscriptionError
+from ..exceptions import ProtocolError, SubscriptionError
 from ..ops.metrics import Metrics
 from ..pipeline.coalescer import Batch
-from ..protocol import Subscribe, Unsubscribe
+from ..pipeline.streams import Refresh
+from ..protocol import Command, Ping, Subscribe, Unsubscribe
+from .session import Grants, Session
+from .subscriptions import SubscriptionIndex
+from .transport import OutFrame, Transport
 
 log = structlog.get_logger("notifyrelay.hub")
 
-_ids = itertools.count(1)
-FRAME_TYPES = ("welcome", "ack", "pong", "error", "notify", "status", "resync")
-
-
-@dataclass(slots=True)
-class Deferred:
-    """Keys a stalled client has not been sent yet on one channel, folded like a window (last payload wins)."""
-
-    seq: int
-    keys: dict[str, Any] = field(default_factory=dict)
-    with_payloads: bool = False
-
-
-class Client:
-    """One websocket connection as the hub sees it."""
-
-    __slots__ = ("__weakref__", "catch_up", "connection", "deferred", "grants", "id", "lagged", "stalled_since")
-
-    def __init__(self, connection: ServerConnection, grants: dict[str, frozenset[str] | None] | None = None) -> None:
-        self.connection = connection
-        self.id = next(_ids)
-        # None: may follow anything. Else channel -> allowed keys, None meaning every key (auth mode jwt).
-        self.grants = grants
-        self.deferred: dict[str, Deferred] = {}
-        self.lagged: dict[str, datetime] = {}  # channels whose deferred keys passed the bound: resync instead
-        self.stalled_since: float | None = None
-        self.catch_up: asyncio.Task[None] | None = None
-
-    def write(self, frame: bytes) -> bool:
-        """Write a text frame now, without waiting for the peer; False when the connection is not open."""
-        connection = self.connection
-        if connection.protocol.state is not State.OPEN:
-            return False
-        try:
-            connection.protocol.send_text(frame)
-            connection.send_data()
-        except Exception:  # the transport is going away; its handler will notice and clean up
-            return False
-        return True
-
-    def write_shared(self, frame: bytes, wire: bytes) -> bool:
-        """Write a frame shared by many clients: ``wire`` is it already framed, used unless an extension
-        (permessage-deflate) must transform it for this connection."""
-        connection = self.connection
-        protocol_ = connection.protocol
-        if protocol_.extensions or protocol_.expect_continuation_frame:
-            return self.write(frame)
-        if protocol_.state is not State.OPEN:
-            return False
-        try:
-            connection.transport.write(wire)
-        except Exception:  # the transport is going away; its handler will notice and clean up
-            return False
-        return True
-
-
-def wire_frame(frame: bytes) -> bytes:
-    """A text frame as a server writes it (unmasked, no extensions): the same bytes for every client."""
-    return Frame(Opcode.TEXT, frame).serialize(mask=False)
+FRAME_TYPES = ("welcome", "ack", "pong", "error", "notify", "snapshot", "status", "resync", "close")
+TRANSPORTS = ("websocket", "sse", "ndjson")
 
 
 class Hub:
-    """Clients, their subscriptions, and the fan-out of everything the relay tells them."""
+    """Sessions and their transports, the subscription index, and the fan-out of everything the relay says."""
 
-    def __init__(self, settings: ServerConfig, channels: Iterable[str], metrics: Metrics) -> None:
+    def __init__(
+        self, settings: ServerConfig, channels: Iterable[str], metrics: Metrics, *, instance: str, window_ms: int,
+    ) -> None:
         self.settings = settings
         self.channels = list(channels)
-        self.index: SubscriptionIndex[Client] = SubscriptionIndex()
-        self.clients: set[Client] = set()
+        self.instance = instance
+        self.window_ms = window_ms
+        self.index: SubscriptionIndex[Session] = SubscriptionIndex()
+        self.transports: dict[Session, Transport] = {}
+        self.stateful: set[str] = set()  # state channels: catch-ups are refetches; shared with every session
         self.listener_is_up = False
+        # Snapshot and replay requests go back up to the channel's stream (app.py wires Pipeline.request here).
+        self.request: Callable[[Session, Refresh], None] = lambda session, refresh: None
         self._metrics = metrics
-        self._sent = {kind: metrics.messages_sent.labels(kind) for kind in FRAME_TYPES}
+        self._empty = asyncio.Event()
+        self._sent = {(kind, name): metrics.messages_sent.labels(kind, name) for kind in FRAME_TYPES
+                      for name in TRANSPORTS}
         self._bytes = {kind: metrics.bytes_sent.labels(kind) for kind in FRAME_TYPES}
+        self._clients = {name: metrics.clients.labels(name) for name in TRANSPORTS}
 
-    # Clients and subscriptions.
+    # Sessions.
 
-    def add(self, client: Client) -> None:
-        self.clients.add(client)
-        self._metrics.clients.set(len(self.clients))
+    def open(self, transport: Transport, grants: Grants | None) -> Session:
+        """A client connected: make its session and send its welcome."""
+        settings = self.settings
+        session = Session(
+            grants=grants, rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst,
+            now=time.monotonic(), stateful=self.stateful, transport=transport.name,
+        )
+        self.transports[session] = transport
+        self._clients[transport.name].inc()
+        self.send(session, "welcome", protocol.welcome(
+            window_ms=self.window_ms, channels=self.channels, listener_up=self.listener_is_up, instance=self.instance,
+        ))
+        return session
 
-    def remove(self, client: Client) -> None:
-        channels = self.index.channels_of(client)
-        self.index.remove(client)
-        self.clients.discard(client)
-        if client.catch_up is not None:
-            client.catch_up.cancel()
-        self._metrics.clients.set(len(self.clients))
-        for channel in channels:
-            self._metrics.subscriptions.labels(channel).set(self.index.channel_count(channel))
+    def close(self, session: Session) -> None:
+        """A client is gone: forget it everywhere (idempotent)."""
+        transport = self.transports.pop(session, None)
+        if transport is None:
+            return
+        if not self.transports:
+            self._empty.set()
+        self._clients[transport.name].dec()
+        for channel, keys in list(session.follows.items()):
+            self.index.discard(session, channel, keys)
+            self._metrics.subscriptions.labels(channel).set(self.index.count(channel))
+        session.follows.clear()
+        session.pending.clear()
 
-    def subscribe(self, client: Client, command: Subscribe) -> None:
-        """Apply a subscribe, or raise SubscriptionError with the code the client is told."""
-        self._check_channel(command.channel, command.id)
-        if client.grants is not None:
-            allowed = client.grants.get(command.channel, frozenset())
-            if allowed is not None and not all(key in allowed for key in command.keys):
-                raise SubscriptionError(
-                    "forbidden", f"your token does not allow following these keys on {command.channel!r}",
-                    request_id=command.id,
-                )
+    def is_connected(self, session: Session) -> bool:
+        return session in self.transports
+
+    def subscribers(self, channel: str) -> list[Session]:
+        return self.index.subscribers(channel)
+
+    def __len__(self) -> int:
+        return len(self.transports)
+
+    # Commands.
+
+    def receive(self, session: Session, message: str | bytes) -> bool:
+        """A frame from a client: answer it. False when the client keeps pushing past its rate: close it (1008)."""
+        if not session.admit(time.monotonic()):
+            self._metrics.limit_hits["rate_limit"].inc()
+            if session.rate.exhausted:
+                return False
+            self.reply_error(session, session.refusal())
+            return True
         try:
-            self.index.subscribe(client, command.channel, command.keys, limit=self.settings.max_subscriptions)
-        except TooManySubscriptions as exc:
-            raise SubscriptionError(
-                "too_many_subscriptions", str(exc), request_id=command.id, limit="max_subscriptions"
-            ) from None
-        self._metrics.subscriptions.labels(command.channel).set(self.index.channel_count(command.channel))
+            command = protocol.parse_frame(message, max_key_bytes=self.settings.max_key_bytes)
+        except ProtocolError as exc:
+            self.reply_error(session, exc)
+        else:
+            self.execute(session, command)
+        return True
 
-    def unsubscribe(self, client: Client, command: Unsubscribe) -> None:
+    def execute(self, session: Session, command: Command) -> None:
+        if isinstance(command, Ping):
+            self.send(session, "pong", protocol.pong(command.id))
+            return
+        try:
+            if isinstance(command, Subscribe):
+                self.subscribe(session, command)
+                return
+            self.unsubscribe(session, command)
+        except ProtocolError as exc:
+            self.reply_error(session, exc)
+
+    def subscribe(self, session: Session, command: Subscribe) -> None:
+        """Take a subscribe, ack it, and queue its snapshot (state channels) or replay (``since``); or raise
+        SubscriptionError with the code the client is told."""
         self._check_channel(command.channel, command.id)
-        self.index.unsubscribe(client, command.channel, command.keys)
-        self._metrics.subscriptions.labels(command.channel).set(self.index.channel_count(command.channel))
+        new = session.subscribe(command, limit=self.settings.max_subscriptions)
+        self.index.add(session, command.channel, new)
+        self._metrics.subscriptions.labels(command.channel).set(self.index.count(command.channel))
+        self.send(session, "ack", protocol.ack(command))
+        if command.since is not None:
+            self.request(session, Refresh(command.channel, command.keys, command.since, "resume"))
+        elif command.channel in self.stateful:
+            self.request(session, Refresh(command.channel, command.keys, None, "subscribe"))
+
+    def unsubscribe(self, session: Session, command: Unsubscribe) -> None:
+        self._check_channel(command.channel, command.id)
+        gone = session.unsubscribe(command)
+        self.index.discard(session, command.channel, gone)
+        self._metrics.subscriptions.labels(command.channel).set(self.index.count(command.channel))
+        self.send(session, "ack", protocol.ack(command))
 
     def _check_channel(self, channel: str, request_id: str | None) -> None:
         if channel not in self.channels:
@@ -155,37 +154,42 @@ class Hub:
                 request_id=request_id,
             )
 
-    def set_channels(self, channels: Iterable[str]) -> None:
+    def reply_error(self, session: Session, exc: ProtocolError) -> None:
+        self._metrics.client_errors.labels(exc.code).inc()
+        if exc.limit is not None and exc.limit != "rate_limit":  # rate refusals are counted where they happen
+            self._metrics.limit_hits[exc.limit].inc()
+        self.send(session, "error", protocol.error(exc.code, exc.message, exc.request_id))
+
+    def set_channels(self, channels: Iterable[str], stateful: Iterable[str]) -> None:
         """Adopt a new channel list (reload); subscribers of a removed channel are told with an error frame."""
         self.channels = list(channels)
-        for channel in self.index.channels():
-            if channel in self.channels:
-                continue
-            for client in self.index.drop_channel(channel):
-                client.deferred.pop(channel, None)
-                client.lagged.pop(channel, None)
-                self.send(client, "error", protocol.error(
+        self.stateful.clear()
+        self.stateful.update(stateful)
+        for session in list(self.transports):
+            for channel in [c for c in session.follows if c not in self.channels]:
+                self.index.discard(session, channel, session.forget_channel(channel))
+                self._metrics.subscriptions.labels(channel).set(0)
+                self.send(session, "error", protocol.error(
                     "unknown_channel", f"channel {channel!r} is no longer relayed; unsubscribed"
                 ))
-            self._metrics.subscriptions.labels(channel).set(0)
 
-    # Fan-out (the coalescer's BatchSink).
+    # Fan-out.
 
     def publish(self, batch: Batch) -> None:
+        """Send a batch to its followers: one frame for those that take every key, one per distinct key set."""
         wildcard, partial = self.index.route(batch.channel, batch.keys)
-        if not wildcard and not partial:
-            return
-        everything = list(wildcard)
-        groups: dict[tuple[str, ...], list[Client]] = {}
-        for client, keys in partial.items():
-            if len(keys) == len(batch.keys):
-                everything.append(client)
-            else:
-                groups.setdefault(tuple(keys), []).append(client)
-        if everything:
-            self._deliver(everything, batch, batch.keys)
-        for group_keys, clients in groups.items():
-            self._deliver(clients, batch, list(group_keys))
+        if wildcard or partial:
+            everything = list(wildcard)
+            groups: dict[tuple[str, ...], list[Session]] = {}
+            for session, keys in partial.items():
+                if len(keys) == len(batch.keys):
+                    everything.append(session)
+                else:
+                    groups.setdefault(tuple(keys), []).append(session)
+            if everything:
+                self._deliver(everything, batch, batch.keys)
+            for group_keys, sessions in groups.items():
+                self._deliver(sessions, batch, list(group_keys))
         now = time.monotonic()
         observe = self._metrics.delivery_latency.observe
         for received in batch.received_at:
@@ -196,118 +200,89 @@ class Hub:
             for committed in batch.committed_at:
                 since_commit(max(0.0, wall - committed))
 
-    def _deliver(self, clients: list[Client], batch: Batch, keys: list[str]) -> None:
-        frame = protocol.notify(batch.channel, batch.seq, keys, batch.payloads)
-        wire = wire_frame(frame)  # framed once: server frames are unmasked, so every client gets the same bytes
-        written = 0
-        for client in clients:
-            if client.stalled_since is not None or client.connection.paused:
-                self._defer(client, batch, keys)
-            elif client.write_shared(frame, wire):
-                written += 1
-        self._sent["notify"].inc(written)
-        self._bytes["notify"].inc(written * len(frame))
+    def _deliver(self, sessions: list[Session], batch: Batch, keys: list[str]) -> None:
+        frame: OutFrame | None = None
+        channel = batch.channel
+        fold_at = None
+        for session in sessions:
+            if not session.takes_live(channel):
+                fold_at = fold_at or datetime.now(UTC)
+                session.fold(channel, batch.seq, batch.ts, keys, batch.payloads,
+                             max_keys=self.settings.max_pending_keys, now=fold_at)
+                continue
+            if frame is None:
+                frame = OutFrame("notify", protocol.notify(
+                    channel, batch.seq, batch.ts, keys, batch.payloads, state=batch.state,
+                ), batch.ts)
+            self._write(session, frame)
 
-    def _defer(self, client: Client, batch: Batch, keys: list[str]) -> None:
-        if client.stalled_since is None:
-            client.stalled_since = time.monotonic()
-            self._metrics.slow_clients.inc()
-            log.info("hub.client_stalled", client=client.id, remote=peer(client.connection))
-            client.catch_up = asyncio.get_running_loop().create_task(self._catch_up(client))
-        if batch.channel in client.lagged:
-            return
-        deferred = client.deferred.get(batch.channel)
-        if deferred is None:
-            deferred = client.deferred[batch.channel] = Deferred(batch.seq, with_payloads=batch.payloads is not None)
-        deferred.seq = batch.seq
-        payloads = batch.payloads
-        for key in keys:
-            deferred.keys[key] = payloads[key] if payloads is not None else None
-        if len(deferred.keys) > self.settings.max_pending_keys:
-            # A "*" follower of a busy channel (or one following more keys than the bound): keep no keys, tell it
-            # to refetch when it drains.
-            del client.deferred[batch.channel]
-            client.lagged[batch.channel] = datetime.now(UTC)
+    def send(self, session: Session, kind: str, body: bytes, ts: int | None = None) -> None:
+        """Write one frame of type ``kind`` to one client now."""
+        self._write(session, OutFrame(kind, body, ts))
 
-    async def _catch_up(self, client: Client) -> None:
-        """Wait for a stalled client to drain, then send what it missed as one frame per channel. One that never
-        drains is closed by its connection's stall watchdog (server.RelayConnection), which ends this wait."""
-        connection = client.connection
-        try:
-            while True:
-                await connection.drain()
-                if connection.protocol.state is not State.OPEN:
-                    return
-                now = datetime.now(UTC)
-                lagged, client.lagged = client.lagged, {}
-                deferred, client.deferred = client.deferred, {}
-                for channel, since in lagged.items():
-                    self.send(client, "resync", protocol.resync(channel, "slow_client", since, now))
-                for channel, keys in deferred.items():
-                    # Only what the client still follows: it may have unsubscribed, or a reload removed the channel.
-                    still = [key for key in keys.keys if self.index.follows(client, channel, key)]
-                    if still:
-                        payloads = keys.keys if keys.with_payloads else None
-                        self.send(client, "notify", protocol.notify(channel, keys.seq, still, payloads))
-                if not connection.paused:
-                    client.stalled_since = None
-                    log.info("hub.client_caught_up", client=client.id)
-                    return
-        except (ConnectionClosed, OSError):
-            return
-        finally:
-            client.catch_up = None
+    def _write(self, session: Session, frame: OutFrame) -> None:
+        transport = self.transports.get(session)
+        if transport is not None and transport.write(frame):
+            self._sent[frame.kind, transport.name].inc()
+            self._bytes[frame.kind].inc(len(frame.body))
 
-    def send(self, client: Client, kind: str, frame: bytes) -> None:
-        """Write one frame of type ``kind`` to one client now, counted in the metrics."""
-        self._broadcast((client,), kind, frame)
+    def broadcast(self, sessions: Iterable[Session], kind: str, body: bytes, ts: int | None = None) -> None:
+        frame = OutFrame(kind, body, ts)
+        for session in sessions:
+            self._write(session, frame)
 
-    def _broadcast(self, clients: Iterable[Client], kind: str, frame: bytes) -> None:
-        """Write one frame of type ``kind`` to each of ``clients`` now, counted in the metrics."""
-        written = sum(1 for client in clients if client.write(frame))
-        self._sent[kind].inc(written)
-        self._bytes[kind].inc(written * len(frame))
-
-    def resync(self, channel: str, reason: str, gap_start: datetime, gap_end: datetime) -> None:
-        """Tell every subscriber of a channel to refetch: notifications may have been missed."""
+    def resync(self, channel: str, reason: str, gap_start: datetime, gap_end: datetime, ts: int) -> None:
+        """Tell every subscriber of a (hint) channel to refetch: notifications may have been missed."""
         subscribers = self.index.subscribers(channel)
         if subscribers:
-            self._broadcast(subscribers, "resync", protocol.resync(channel, reason, gap_start, gap_end))
+            self.broadcast(subscribers, "resync", protocol.resync(channel, reason, gap_start, gap_end, ts), ts)
 
-    # The listener's observer.
+    # Slow clients: their transport says when they stall and drain.
+
+    def stalled(self, session: Session) -> None:
+        if not session.stalled:
+            session.stalled = True
+            self._metrics.slow_clients.inc()
+            log.info("hub.client_stalled", client=session.id, transport=session.transport)
+
+    def drained(self, session: Session) -> None:
+        """The client's transport can take frames again: send what it missed (refetches go to the streams)."""
+        if not session.stalled or session not in self.transports:
+            return
+        session.stalled = False
+        frames, refreshes = session.catch_up(datetime.now(UTC), int(time.time() * 1000))
+        for kind, body, ts in frames:
+            self.send(session, kind, body, ts)
+        for refresh in refreshes:
+            self.request(session, refresh)
+        log.info("hub.client_caught_up", client=session.id)
+
+    # The listener's state (through the pipeline, which orders it after every channel's resync).
 
     def listener_down(self) -> None:
         self.listener_is_up = False
-        self._broadcast(self.clients, "status", protocol.status(False))
+        self.broadcast(list(self.transports), "status", protocol.status(False))
 
-    def listener_up(self, channels: list[str], gap_start: datetime, gap_end: datetime, reason: str) -> None:
-        # Order matters to clients: resync for every channel first, then status up.
-        for channel in channels:
-            self.resync(channel, reason, gap_start, gap_end)
+    def listener_up(self) -> None:
         self.listener_is_up = True
-        self._broadcast(self.clients, "status", protocol.status(True))
+        self.broadcast(list(self.transports), "status", protocol.status(True))
 
-    async def close_all(self, code: int, reason: str) -> None:
-        """Close every client with ``code`` and wait (bounded by the connections' close timeout)."""
-        await asyncio.gather(*(close_bounded(c.connection, code, reason) for c in list(self.clients)))
+    def close_all(self, code: int, reason: str) -> None:
+        """Start closing every client with ``code`` (the transports bound how long that may take)."""
+        for transport in list(self.transports.values()):
+            transport.close(code, reason)
+
+    async def emptied(self) -> None:
+        """Wait until every client is gone."""
+        while self.transports:
+            self._empty.clear()
+            await self._empty.wait()
 
 
-async def close_bounded(connection: ServerConnection, code: int, reason: str, grace_s: float = 2.0) -> None:
-    """Close with ``code``; a peer that does not finish the handshake within ``grace_s`` is cut off.
-
-    websockets' close() first waits for the write buffer to drain, which a stalled peer never lets happen.
-    """
+def peer_of(address: Any) -> str:
+    """An address as host:port, for log lines."""
     try:
-        async with asyncio.timeout(grace_s):
-            await connection.close(code, reason)
-    except Exception:  # the grace ran out (TimeoutError), or the connection was already going: cut it
-        connection.transport.abort()
-
-
-def peer(connection: ServerConnection) -> str:
-    """The peer's address as host:port, for log lines."""
-    try:
-        host, port = connection.remote_address[:2]
+        host, port = address[:2]
         return f"{host}:{port}"
     except (TypeError, ValueError):
         return "?"

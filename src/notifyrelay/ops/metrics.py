@@ -91,8 +91,27 @@ class Metrics:
             f"{p}pg_notification_queue_usage", "pg_notification_queue_usage() sampled on each heartbeat (0-1).",
             registry=r,
         )
+        # Listener hardening.
+        self.listener_connect_attempts = Counter(
+            f"{p}listener_connect_attempts", "Attempts to connect and LISTEN (each opens a PostgreSQL backend).",
+            registry=r,
+        )
+        self.listener_unexpected_errors = Counter(
+            f"{p}listener_unexpected_errors", "Unexpected exceptions in the listener, each turned into a reconnect.",
+            registry=r,
+        )
+        self.listener_undecodable_payloads = Counter(
+            f"{p}listener_undecodable_payloads", "Notifications dropped because their payload is not UTF-8.",
+            ["channel"], registry=r,
+        )
+        self.pg_notification_queue_sampled = Gauge(
+            f"{p}pg_notification_queue_sampled_timestamp_seconds",
+            "Unix time of the last pg_notification_queue_usage() sample (taken on each connection and heartbeat).",
+            registry=r,
+        )
         # Clients.
-        self.clients = Gauge(f"{p}clients", "Connected websocket clients.", registry=r)
+        self.clients = Gauge(f"{p}clients", "Connected clients, by transport (websocket, sse, ndjson).", ["transport"],
+                             registry=r)
         self.subscriptions = Gauge(f"{p}subscriptions", "Subscriptions (key or *) held.", ["channel"], registry=r)
         self.connections_opened = Counter(f"{p}connections_opened", "Websocket connections accepted.", registry=r)
         self.connections_closed = Counter(
@@ -103,7 +122,10 @@ class Metrics:
             registry=r,
         )
         self.client_errors = Counter(f"{p}client_errors", "Error frames sent, by code.", ["code"], registry=r)
-        self.messages_sent = Counter(f"{p}messages_sent", "Frames written to clients.", ["type"], registry=r)
+        self.messages_sent = Counter(
+            f"{p}messages_sent", "Frames written to clients, by frame type and transport.", ["type", "transport"],
+            registry=r,
+        )
         self.bytes_sent = Counter(f"{p}bytes_sent", "Payload bytes of frames written to clients.", ["type"], registry=r)
         self.slow_clients = Counter(
             f"{p}slow_clients", "Times a client's write buffer passed its high-water mark.", registry=r
@@ -147,6 +169,15 @@ class Metrics:
         self.snapshots = Counter(f"{p}snapshots", "Snapshot frames sent.", ["channel"], registry=r)
         self.stalled_keys = Gauge(
             f"{p}stalled_keys", "Active keys whose row has not changed for stall_after_s.", ["channel"], registry=r
+        )
+
+        # Resume.
+        self.resumes = Counter(
+            f"{p}resumes", "Resume requests (since=TS), by outcome: replayed, snapshot, resync.", ["outcome"],
+            registry=r,
+        )
+        self.history_keys = Gauge(
+            f"{p}history_keys", "Keys whose last change this process remembers, for resume.", ["channel"], registry=r
         )
 
     def declare_channel(self, channel: str, *, commit_time: bool = False) -> None:

@@ -1,7 +1,8 @@
 """Folding notifications into per-channel batches: at most one batch per channel per ``window_ms``.
 
-``ChannelWindow`` is the pure rule (no event loop, a clock passed in); ``Coalescer`` is the thin async shell that
-drains the ingest queue, feeds the windows and hands each batch to the sink (the hub) in ``seq`` order.
+``ChannelWindow`` is the pure rule (no event loop, clocks passed in); ``Coalescer`` is the thin async shell that
+drains the ingest queue, feeds the windows and hands each batch on, in ``seq`` order, to the channel's ordered
+stream (pipeline/streams.py), which never blocks it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ class BadPayload(ValueError):
 class Batch:
     """Keys of one channel flushed together. ``received_at[i]`` is when ``keys[i]`` was first seen (monotonic).
 
-    ``committed_at`` holds the commit timestamps (Unix seconds) of the folded notifications that carried one.
+    ``ts`` is the relay's wall-clock time of the flush (Unix ms, growing per channel): the resume position clients
+    give back as ``since``. ``committed_at`` holds the commit timestamps (Unix seconds) of the folded notifications
+    that carried one. ``state`` is attached by the state stage on state channels (pipeline/state.py).
     """
 
     channel: str
@@ -42,6 +45,8 @@ class Batch:
     payloads: dict[str, Any] | None
     received_at: list[float] = field(default_factory=list)
     committed_at: list[float] = field(default_factory=list)
+    ts: int = 0
+    state: Any = None
 
 
 class KeyExtractor:
@@ -99,8 +104,13 @@ class ChannelWindow:
     notification opens a window that is flushed when it ends. ``window_s == 0`` makes every notification a batch.
     """
 
-    def __init__(self, channel: str, *, window_s: float, leading_edge: bool, with_payloads: bool) -> None:
+    def __init__(
+        self, channel: str, *, window_s: float, leading_edge: bool, with_payloads: bool,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.channel = channel
+        self._wall_clock = wall_clock
+        self.ts = 0
         self.window_s = window_s
         self.leading_edge = leading_edge
         self.with_payloads = with_payloads
@@ -145,7 +155,9 @@ class ChannelWindow:
     def flush(self, now: float) -> Batch:
         self.seq += 1
         self.last_flush = now
+        self.ts = max(int(self._wall_clock() * 1000), self.ts + 1)
         batch = Batch(
+            ts=self.ts,
             channel=self.channel,
             seq=self.seq,
             keys=list(self._pending),
@@ -160,11 +172,11 @@ class ChannelWindow:
 
 
 class BatchSink(Protocol):
-    """Where batches go (the hub). Called on the event loop; must not block."""
+    """Where batches go (the channel streams). Called on the event loop; must not block."""
 
     def publish(self, batch: Batch) -> None: ...
 
-    def resync(self, channel: str, reason: str, gap_start: datetime, gap_end: datetime) -> None: ...
+    def overflow(self, channel: str, gap_start: datetime, gap_end: datetime) -> None: ...
 
 
 class Coalescer:
@@ -187,7 +199,7 @@ class Coalescer:
         self._clock = clock
         self._windows: dict[str, ChannelWindow] = {}
         self._extractors: dict[str, KeyExtractor] = {}
-        self._removed_seq: dict[str, int] = {}
+        self._removed_seq: dict[str, tuple[int, int]] = {}
         # Overflow resyncs wait here until their channel may have one again (at most one per window, 0.2 s at
         # least), so sustained overflow does not flood clients; the earliest loss since the last one is kept.
         self._overflow: dict[str, datetime] = {}
@@ -207,7 +219,7 @@ class Coalescer:
                 window = self._windows.pop(name)
                 if window.pending:
                     self._publish(window.flush(now))
-                self._removed_seq[name] = window.seq
+                self._removed_seq[name] = (window.seq, window.ts)
                 del self._extractors[name]
         for name, channel in wanted.items():
             existing = self._windows.get(name)
@@ -218,7 +230,7 @@ class Coalescer:
                     leading_edge=self._settings.leading_edge,
                     with_payloads=channel.include_payload,
                 )
-                window.seq = self._removed_seq.pop(name, 0)
+                window.seq, window.ts = self._removed_seq.pop(name, (0, 0))
             elif existing.with_payloads != channel.include_payload:
                 if existing.pending:
                     self._publish(existing.flush(now))
@@ -278,7 +290,7 @@ class Coalescer:
                 del self._overflow[channel]
                 self._overflow_sent[channel] = now
                 log.warning("coalescer.overflow_resync", channel=channel)
-                self._sink.resync(channel, "overflow", since, datetime.now(UTC))
+                self._sink.overflow(channel, since, datetime.now(UTC))
 
     def flush_due(self) -> None:
         now = self._clock()

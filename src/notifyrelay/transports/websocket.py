@@ -1,0 +1,233 @@
+"""The websocket transport: websockets' Sans-I/O protocol on a connection the relay owns.
+
+The HTTP layer (transports/http.py) hands over an upgrade request; from then on this object turns bytes into
+frames with ``websockets.server.ServerProtocol`` and writes through the asyncio transport itself. Owning the
+transport is what lets a frame shared by many clients be framed once and written as the same bytes to each, with
+public APIs only. Keepalive pings, the stall watchdog and the close handshake are timers, not tasks: an idle
+connection costs no coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import structlog
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+
+from .. import protocol
+from ..delivery.hub import Hub
+from ..delivery.session import Session
+from ..delivery.transport import WEBSOCKET, OutFrame
+from ..exceptions import ProtocolError
+from ..ops.metrics import Metrics
+from .gate import StreamRequest
+
+if TYPE_CHECKING:
+    from ..config import ServerConfig
+
+log = structlog.get_logger("notifyrelay.websocket")
+_quiet = logging.getLogger("websockets.server")  # it logs every open and close at info: keep it to warnings
+KNOWN_CLOSE_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
+     protocol.CLOSE_SLOW_CLIENT, protocol.CLOSE_TOKEN_EXPIRED}
+)
+CLOSE_GRACE_S = 2.0
+
+
+def handshake(
+    request: Request, settings: ServerConfig, subprotocol: str | None
+) -> tuple[ServerProtocol, bytes, bool]:
+    """Run the opening handshake on an upgrade request: the protocol, the bytes to write, and whether it opened."""
+    ws = ServerProtocol(
+        select_subprotocol=lambda _, offered: (
+            Subprotocol(subprotocol) if subprotocol is not None and subprotocol in offered else None
+        ),
+        extensions=[ServerPerMessageDeflateFactory()] if settings.compression else None,
+        max_size=settings.max_message_bytes,
+        logger=_quiet,
+    )
+    response = ws.accept(request)
+    ws.send_response(response)
+    return ws, b"".join(ws.data_to_send()), response.status_code == 101
+
+
+class WebSocketTransport:
+    """One open websocket: frames in to the hub, frames out from it (the hub's Transport interface)."""
+
+    name = "websocket"
+    unidirectional = False
+    __slots__ = ("_close_timer", "_keepalive", "_metrics", "_ping", "_stall_timer", "hub", "paused", "peer",
+                 "session", "settings", "transport", "ws")
+
+    def __init__(
+        self, transport: asyncio.Transport, ws: ServerProtocol, hub: Hub, settings: ServerConfig, metrics: Metrics,
+        peer: str,
+    ) -> None:
+        self.transport = transport
+        self.ws = ws
+        self.hub = hub
+        self.settings = settings
+        self.peer = peer
+        self.paused = False
+        self._metrics = metrics
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._ping: bytes | None = None
+        self.session: Session | None = None
+
+    def start(self, grant_channels: dict[str, frozenset[str] | None] | None, request: StreamRequest | None,
+              error: ProtocolError | None) -> None:
+        """Open the session: welcome, then the query string's subscriptions (or its error)."""
+        session = self.session = self.hub.open(self, grant_channels)
+        self._metrics.connections_opened.inc()
+        if error is not None:
+            self.hub.reply_error(session, error)
+        for subscribe in request.subscribes if request else ():
+            self.hub.execute(session, subscribe)
+        # The first ping falls at a random point of the second interval, so that connections opened together
+        # (a deploy, a reconnect storm) do not ping together for as long as they live.
+        interval = self.settings.ping_interval_s
+        self._schedule(self._send_ping, interval + random.uniform(0, interval))
+
+    # The hub's Transport interface.
+
+    def write(self, frame: OutFrame) -> bool:
+        ws = self.ws
+        if ws.state is not State.OPEN:
+            return False
+        if ws.extensions:  # permessage-deflate: this connection's own compressed frame
+            ws.send_text(frame.body)
+            self._flush()
+        else:
+            self.transport.write(frame.wire(WEBSOCKET))
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        if self.ws.state is State.OPEN:
+            self.ws.send_close(code, reason)
+            self._flush()
+        if self._close_timer is None and not self.transport.is_closing():
+            # A peer that does not answer the close (or never drains our buffer) is cut off.
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.transport.abort)
+
+    # Bytes from the peer.
+
+    def data_received(self, data: bytes) -> None:
+        ws = self.ws
+        ws.receive_data(data)
+        for event in ws.events_received():
+            if isinstance(event, Frame):
+                self._frame(event)
+        self._flush()
+
+    def eof_received(self) -> None:
+        self.ws.receive_eof()
+        self._flush()
+
+    def _frame(self, frame: Frame) -> None:
+        session = self.session
+        if session is None or self.ws.state is not State.OPEN:
+            return
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT:
+            if not frame.fin:
+                self.close(CloseCode.POLICY_VIOLATION, "fragmented messages are not supported")
+                return
+            if not self.hub.receive(session, bytes(frame.data).decode("utf-8", "replace")):
+                self._rate_close()
+        elif opcode is Opcode.BINARY or opcode is Opcode.CONT:
+            if not self.hub.receive(session, b"binary"):
+                self._rate_close()
+        elif opcode is Opcode.PING:
+            # websockets answers pings itself; a flood of them counts against the rate like any frame.
+            if not session.admit(asyncio.get_running_loop().time()):
+                self._metrics.limit_hits["rate_limit"].inc()
+                if session.rate.exhausted:
+                    self._rate_close()
+        elif opcode is Opcode.PONG and self._ping is not None and frame.data == self._ping:
+            self._ping = None
+            self._schedule(self._send_ping, self.settings.ping_interval_s)
+
+    def _rate_close(self) -> None:
+        log.info("server.rate_limit_close", client=self.session.id if self.session else None, remote=self.peer,
+                 rate_limit_per_s=self.settings.rate_limit_per_s)
+        self.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+
+    def _flush(self) -> None:
+        for data in self.ws.data_to_send():
+            if data:
+                self.transport.write(data)
+            elif self.transport.can_write_eof():
+                self.transport.write_eof()
+        if self.ws.close_expected() or self.ws.state is State.CLOSED:
+            self.transport.close()
+
+    # Keepalive: a ping every ping_interval_s; no pong within ping_timeout_s closes with 1011.
+
+    def _schedule(self, callback: Callable[[], None], delay: float) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        self._keepalive = asyncio.get_running_loop().call_later(delay, callback)
+
+    def _send_ping(self) -> None:
+        if self.ws.state is not State.OPEN:
+            return
+        self._ping = os.urandom(4)
+        self.ws.send_ping(self._ping)
+        self._flush()
+        self._schedule(self._ping_timeout, self.settings.ping_timeout_s)
+
+    def _ping_timeout(self) -> None:
+        self._metrics.limit_hits["ping_timeout_s"].inc()
+        self.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+
+    # Flow control, from the asyncio transport through the HTTP connection.
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        # Stop reading too: a peer that floods frames or pings and reads none of the answers then fills its own
+        # buffers, not ours.
+        self.transport.pause_reading()
+        if self.session is not None:
+            self.hub.stalled(self.session)
+        # One watchdog for every way a peer can stop draining (notify frames, answers, pongs to its pings).
+        timeout = self.settings.stall_timeout_s
+        self._stall_timer = asyncio.get_running_loop().call_later(timeout, self._stalled_too_long, timeout)
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+        if self.session is not None:
+            self.hub.drained(self.session)
+
+    def _stalled_too_long(self, timeout: float) -> None:
+        self._metrics.slow_client_disconnects.inc()
+        log.warning("server.client_too_slow", remote=self.peer, stall_timeout_s=timeout)
+        self.close(protocol.CLOSE_SLOW_CLIENT, f"too slow: stalled over {timeout:g}s")
+
+    def connection_lost(self) -> None:
+        for timer in (self._stall_timer, self._close_timer, self._keepalive):
+            if timer is not None:
+                timer.cancel()
+        if self.session is not None:
+            self.hub.close(self.session)
+        code = self.ws.close_code or 1006
+        self._metrics.connections_closed.labels(str(code) if code in KNOWN_CLOSE_CODES else "other").inc()
+        sent = self.ws.close_sent
+        if sent is not None and sent.code == CloseCode.MESSAGE_TOO_BIG:
+            self._metrics.limit_hits["max_message_bytes"].inc()
