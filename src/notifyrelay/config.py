@@ -10,12 +10,14 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
+import tomli_w
 from msgspec import Meta, Struct
 
 from .exceptions import ConfigError
@@ -247,6 +249,21 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[An
     return overrides
 
 
+def _literal_values(key: str) -> tuple[Any, ...] | None:
+    """The values a Literal-typed key accepts (``auth.mode``, ``channels[0].key``...), or None for other keys."""
+    hint: Any = Config
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", key):
+        while get_origin(hint) in (Annotated, Union, UnionType):  # Annotated[...], an optional table
+            hint = next(arg for arg in get_args(hint) if arg is not type(None))
+        if part.startswith("["):
+            hint = get_args(hint)[0] if get_origin(hint) is list else None
+        elif isinstance(hint, type) and issubclass(hint, Struct):
+            hint = get_type_hints(hint, include_extras=True).get(part)
+        else:
+            return None
+    return get_args(hint) if get_origin(hint) is Literal else None  # in the order the code declares them
+
+
 def _raise_validation(exc: msgspec.ValidationError, source: str, sources: Mapping[str, str]) -> None:
     text = str(exc)
     message, _, where = text.partition(" - at `")
@@ -255,6 +272,11 @@ def _raise_validation(exc: msgspec.ValidationError, source: str, sources: Mappin
     if unknown:
         key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
         message = "unknown key"
+    enum = re.fullmatch(r"Invalid enum value (.*)", message)
+    choices = _literal_values(key) if enum and key else None
+    if enum and choices:
+        expected = ", ".join(msgspec.json.encode(choice).decode() for choice in choices)
+        message = f"invalid value {enum.group(1)}: expected one of {expected}"
     raise ConfigError(message[0].lower() + message[1:], key=key, source=sources.get(key or "", source)) from exc
 
 
@@ -299,6 +321,11 @@ def load_config(
     except msgspec.ValidationError as exc:
         _raise_validation(exc, source, sources)
         raise  # pragma: no cover - _raise_validation always raises
+    if not path and not config.channels:
+        raise ConfigError(
+            "no configuration file was given: pass --config PATH or set NOTIFYRELAY_CONFIG to a file that lists the "
+            "[[channels]] to relay (config.example.toml documents every key)"
+        )
     _check(config, source, sources)
     return config
 
@@ -326,8 +353,15 @@ def _check(config: Config, source: str, sources: Mapping[str, str]) -> None:
             fail(f"channels[{index}].name", "PostgreSQL channel names are at most 63 bytes")
         if channel.key != "payload" and not (channel.key.startswith("json:") and len(channel.key) > 5):
             fail(f"channels[{index}].key", f'expected "payload" or "json:FIELD", got {channel.key!r}')
+    for index, channel in enumerate(config.channels):
+        _check_state(channel, f"channels[{index}]", fail)
     if config.dsn and config.dsn_file:
         fail("dsn_file", "set either dsn or dsn_file, not both")
+    for key, value in (("dsn", config.dsn), ("state.dsn", config.state.dsn)):
+        try:
+            check_dsn(value, key)
+        except ConfigError as exc:
+            fail(key, str(exc).removeprefix(f"{key}: "))
     if bool(config.server.tls_cert_file) != bool(config.server.tls_key_file):
         fail("server.tls_key_file", "tls_cert_file and tls_key_file must be set together")
     if config.listener.heartbeat_timeout_s > config.listener.heartbeat_interval_s * 10:
@@ -340,11 +374,79 @@ def _check(config: Config, source: str, sources: Mapping[str, str]) -> None:
         fail("auth.mode", 'mode "jwt" needs auth.jwt_secret_file, auth.jwt_public_key_file or auth.jwks_file')
 
 
+def _identifier_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a PostgreSQL identifier (it is quoted exactly as written), or None."""
+    if not name:
+        return "is empty"
+    if "\x00" in name:
+        return "contains a NUL character"
+    if len(name.encode()) > 63:
+        return f"{name!r} is longer than PostgreSQL's 63 bytes"
+    return None
+
+
+def _check_state(channel: ChannelConfig, prefix: str, fail: Callable[[str, str], None]) -> None:
+    """[channels.state] and [channels.progress]: one form of query, real identifiers, progress over known columns."""
+    state, progress = channel.state, channel.progress
+    if state is None:
+        if progress is not None:
+            fail(f"{prefix}.progress", "[channels.progress] needs [channels.state]: progress is read from the row")
+        return
+    if state.table and state.query:
+        fail(f"{prefix}.state.query", "set either table (with key_column and columns) or query, not both")
+    if not state.table and not state.query:
+        fail(f"{prefix}.state.table", "set table (with key_column and columns) or query")
+    if state.table:
+        parts = state.table.split(".", 1)
+        for part in parts:
+            if problem := _identifier_problem(part):
+                fail(f"{prefix}.state.table", f"expected TABLE or SCHEMA.TABLE; the name {problem}")
+        if problem := _identifier_problem(state.key_column):
+            fail(f"{prefix}.state.key_column", f"the column name {problem}")
+        if not state.columns:
+            fail(f"{prefix}.state.columns", "list the columns to fetch, e.g. [\"status\", \"objects_processed\"]")
+        for position, column in enumerate(state.columns):
+            if problem := _identifier_problem(column):
+                fail(f"{prefix}.state.columns[{position}]", f"the column name {problem}")
+            if column == "key":
+                fail(f"{prefix}.state.columns[{position}]", "\"key\" names the row's key in frames; write a query "
+                     "that renames that column instead")
+            if column in state.columns[:position]:
+                fail(f"{prefix}.state.columns[{position}]", f"column {column!r} is listed twice")
+    elif not re.search(r"\$1(?!\d)", state.query):
+        fail(f"{prefix}.state.query", "the query takes the batch's keys as its one parameter: $1::text[]")
+    if state.list_query and re.search(r"\$\d", state.list_query):
+        fail(f"{prefix}.state.list_query", "list_query takes no parameters")
+    if progress is None:
+        return
+    if not progress.done and not progress.status:
+        fail(f"{prefix}.progress", "set done (with total) or status, or both")
+    if progress.total and not progress.done:
+        fail(f"{prefix}.progress.total", "total needs done")
+    for name in ("done", "total", "status"):
+        column = getattr(progress, name)
+        if column and state.table and column not in state.columns:
+            fail(f"{prefix}.progress.{name}", f"column {column!r} is not among {prefix}.state.columns")
+    for status in progress.failed:
+        if status not in progress.terminal:
+            fail(f"{prefix}.progress.failed", f"{status!r} is not a terminal status (progress.terminal)")
+
+
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
-def check_dsn(dsn: str, key: str = "dsn") -> None:
-    """Refuse a malformed DSN at start (and in check-config) rather than retrying it forever."""
+def check_dsn(dsn: str, key: str = "dsn", source: str | None = None) -> None:
+    """Refuse a malformed DSN at start (and in check-config) rather than retrying it forever. ``source`` is the file
+    or variable it came from, for the message."""
+    try:
+        _check_dsn(dsn, key)
+    except ConfigError as exc:
+        if source is None:
+            raise
+        raise ConfigError(str(exc).removeprefix(f"{key}: "), key=key, source=source) from None
+
+
+def _check_dsn(dsn: str, key: str) -> None:
     if not dsn:
         return  # libpq's PG* variables
     if not re.match(r"postgres(ql)?://", dsn):
@@ -376,43 +478,47 @@ def resolve_dsn(config: Config) -> str:
     Checked with check_dsn, so a malformed one is a ConfigError naming ``dsn`` or ``dsn_file``."""
     if config.dsn_file:
         dsn = read_dsn_file(config.dsn_file, key="dsn_file")
-        check_dsn(dsn, "dsn_file")
+        check_dsn(dsn, "dsn_file", source=config.dsn_file)
         return dsn
     check_dsn(config.dsn, "dsn")
     return config.dsn
 
 
+def state_dsn(config: Config) -> str:
+    """The DSN of the state pool: ``[state] dsn``, else the main one (resolve_dsn)."""
+    if config.state.dsn:
+        check_dsn(config.state.dsn, "state.dsn")
+        return config.state.dsn
+    return resolve_dsn(config)
+
+
 def toml_value(value: Any) -> str:
-    """A TOML literal for a scalar or a list of them (JSON string escapes are valid TOML basic strings)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
+    """A TOML value on one line, for ``key = VALUE`` (bench/ writes relay configs with it): scalars as tomli-w writes
+    them, lists as arrays, dicts as inline tables."""
+    if isinstance(value, dict):
+        items = ", ".join(f"{_toml_key(str(key))} = {toml_value(item)}" for key, item in value.items())
+        return "{ " + items + " }" if items else "{}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_value(key)
+
+
+def _without_none(value: Any) -> Any:
+    """TOML has no null: an unset optional table (``channels.state``) is left out."""
+    if isinstance(value, dict):
+        return {key: _without_none(item) for key, item in value.items() if item is not None}
     if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return msgspec.json.encode(str(value)).decode()
+        return [_without_none(item) for item in value]
+    return value
 
 
 def to_toml(config: Config) -> str:
-    """The effective configuration as TOML, with the DSN's password redacted."""
+    """The effective configuration as TOML (nested tables included), with every DSN password redacted."""
     data = msgspec.to_builtins(config)
     data["dsn"] = redact_dsn(data["dsn"])
-    lines: list[str] = []
-    scalar = toml_value
-
-    def table(items: dict[str, Any]) -> None:
-        for key, value in items.items():
-            if not isinstance(value, (dict, list)) or (isinstance(value, list) and not value) or (
-                isinstance(value, list) and not isinstance(value[0], dict)
-            ):
-                lines.append(f"{key} = {scalar(value)}")
-
-    table(data)
-    for key, value in data.items():
-        if isinstance(value, dict):
-            lines.append(f"\n[{key}]")
-            table(value)
-    for channel in data["channels"]:
-        lines.append("\n[[channels]]")
-        table(channel)
-    return "\n".join(lines) + "\n"
+    data["state"]["dsn"] = redact_dsn(data["state"]["dsn"])
+    return tomli_w.dumps(_without_none(data))

@@ -17,6 +17,8 @@ def struct_keys(info: msgspec.inspect.Type, prefix: str = "") -> list[str]:
     """Every dotted key of a msgspec Struct, descending into nested Structs and lists of Structs (as ``[0]``)."""
     if isinstance(info, msgspec.inspect.ListType):
         return struct_keys(info.item_type, f"{prefix}[0]")
+    if isinstance(info, msgspec.inspect.UnionType):  # an optional table ([channels.state]): its keys
+        info = next((t for t in info.types if isinstance(t, msgspec.inspect.StructType)), info)
     if not isinstance(info, msgspec.inspect.StructType):
         return [prefix]
     keys: list[str] = []
@@ -25,6 +27,9 @@ def struct_keys(info: msgspec.inspect.Type, prefix: str = "") -> list[str]:
         nested = field.type
         is_struct = isinstance(nested, msgspec.inspect.StructType) or (
             isinstance(nested, msgspec.inspect.ListType) and isinstance(nested.item_type, msgspec.inspect.StructType)
+        ) or (
+            isinstance(nested, msgspec.inspect.UnionType)
+            and any(isinstance(t, msgspec.inspect.StructType) for t in nested.types)
         )
         keys.extend(struct_keys(nested, path) if is_struct else [path])
     return keys
