@@ -20,9 +20,8 @@ from .config import Config, dsn_password, load_config, resolve_dsn
 from .delivery.hub import Hub
 from .exceptions import ConfigError
 from .ops import log as logging_setup
-from .ops.health import Readiness
-from .ops.metrics import Metrics
 from .ops.sdnotify import ListenerStatusReporter, SystemdNotifier
+from .ops.worker_reports import WorkerReporter, join_supervisor, relay_metrics, relay_readiness
 from .pipeline.coalescer import Coalescer
 from .pipeline.ingest import IngestQueue
 from .pipeline.listener import Listener
@@ -48,7 +47,8 @@ class Relay:
         names = [c.name for c in config.channels]
         dsn = self.dsn = resolve_dsn(config)
         logging_setup.register_secret(dsn_password(dsn))
-        self.metrics = Metrics()
+        self.worker = join_supervisor()  # set when a supervisor runs this process as one of its workers
+        self.metrics = relay_metrics(self.worker)  # as a worker, /metrics and /readyz cover every worker
         self.instance = secrets.token_hex(6)  # this process's life, in welcome frames and logs
         self.queue = IngestQueue(config.listener.queue_size)
         self.metrics.ingest_queue_depth.set_function(lambda: len(self.queue))
@@ -61,7 +61,7 @@ class Relay:
         self.systemd = SystemdNotifier.from_environ()
         reporter = ListenerStatusReporter(self.pipeline, self.systemd)
         self.listener = Listener(dsn, names, config.listener, self.queue, reporter, self.metrics)
-        self.readiness = Readiness(self.listener)
+        self.readiness = relay_readiness(self.listener, self.worker)
         self.server = RelayServer(config, self.hub, self.readiness, self.metrics,
                                   reuse_port=config.server.workers > 1)
         self._stop = asyncio.Event()
@@ -83,6 +83,8 @@ class Relay:
                     group.create_task(self.coalescer.run(), name="coalescer"),
                     group.create_task(self.pipeline.run(), name="pipeline"),
                     group.create_task(self.systemd.watchdog(), name="watchdog"),
+                    group.create_task(WorkerReporter(self.readiness, self.metrics, on_orphaned=self.request_stop)
+                                      .run(), name="worker_reports"),
                 ]
                 self.started.set()
                 await self._stop.wait()
