@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 import pytest
@@ -13,13 +13,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.parser import text_string_to_metric_families
 
 from notifyrelay.config import load_config
+from notifyrelay.ops.health import Readiness
 from notifyrelay.ops.worker_reports import (
     STALE_S,
-    WorkerProbes,
+    WorkerMetrics,
+    WorkerReadiness,
+    WorkerReporter,
     WorkerSlot,
+    join_supervisor,
     merge_expositions,
     merge_readiness,
     read_worker,
+    relay_metrics,
+    relay_readiness,
     report_path,
 )
 from notifyrelay.ops.workers import is_worker, reserve_port
@@ -80,43 +86,48 @@ def test_worker_reports_are_judged_for_freshness(tmp_path: Path) -> None:
     assert merged["reasons"] == ["worker 1: listener down: connection refused"]
 
 
+class FakeListener:
+    """Just what Readiness reads of a listener: up, with a fresh heartbeat."""
+
+    up = True
+    down_reason = ""
+    queue_usage = None
+    queue_sampled_at = None
+    queue_sample_error = None
+    channels: ClassVar[list[str]] = ["a"]
+    settings = load_config(None, environ={}, overrides={"dsn": "postgresql://x@h/db",
+                                                        "channels": [{"name": "a"}]}).listener
+
+    def __init__(self) -> None:
+        self.last_heartbeat = time.time()
+
+
 def test_a_worker_publishes_what_the_others_merge(tmp_path: Path) -> None:
-    """What one worker publishes is what another answers with, beside its own live state."""
-
-    class Source:
-        def __init__(self, clients: int) -> None:
-            self.clients = clients
-
-        def report(self) -> dict[str, Any]:
-            return ready_report()
-
-        def exposition(self) -> bytes:
-            return exposition(self.clients, 1).encode()
-
-    first = WorkerProbes(Source(2), Source(2), WorkerSlot(0, 2, tmp_path))
-    second = WorkerProbes(Source(5), Source(5), WorkerSlot(1, 2, tmp_path))
-    assert second.report()["ready"] is False  # worker 0 has not published yet
-    first.publish()
-    assert second.report()["ready"] is True
-    merged = second.exposition().decode()
-    assert 'notifyrelay_clients{worker="0"} 2.0' in merged
-    assert 'notifyrelay_clients{worker="1"} 5.0' in merged
+    """What one worker publishes is what another answers /readyz and /metrics with, beside its own live state."""
+    first_slot, second_slot = WorkerSlot(0, 2, tmp_path), WorkerSlot(1, 2, tmp_path)
+    first = (relay_readiness(FakeListener(), first_slot), relay_metrics(first_slot))
+    second = (relay_readiness(FakeListener(), second_slot), relay_metrics(second_slot))
+    first[1].clients.labels("websocket").set(2)
+    second[1].clients.labels("websocket").set(5)
+    assert second[0].report()["ready"] is False  # worker 0 has not published yet
+    reporter = WorkerReporter(*first, on_orphaned=lambda: None)
+    assert isinstance(first[0], WorkerReadiness) and isinstance(first[1], WorkerMetrics)
+    reporter.publish(first[0], first[1])
+    report = second[0].report()
+    assert report["ready"] is True and [w["worker"] for w in report["workers"]] == [0, 1]
+    merged = second[1].exposition().decode()
+    assert 'notifyrelay_clients{worker="0",transport="websocket"} 2.0' in merged
+    assert 'notifyrelay_clients{worker="1",transport="websocket"} 5.0' in merged
+    assert "notifyrelay_workers" not in merged  # the supervisor's to say, and it has not
 
 
-def test_alone_the_probes_are_the_process_own(tmp_path: Path) -> None:
-    """Outside a supervisor the probes answer with this process's report and registry, and notifyrelay_workers 1."""
-    from notifyrelay.ops.metrics import Metrics
-
-    metrics = Metrics()
-
-    class Readiness:
-        def report(self) -> dict[str, Any]:
-            return ready_report()
-
-    probes = WorkerProbes.from_environ(Readiness(), metrics, environ={})
-    assert probes.slot is None and not is_worker({})
-    assert probes.report() == ready_report()
-    assert b"notifyrelay_workers 1.0" in probes.exposition()
+def test_alone_the_probes_are_the_process_own() -> None:
+    """Outside a supervisor the relay's readiness and metrics are its own, with notifyrelay_workers 1."""
+    slot = join_supervisor({})
+    assert slot is None and not is_worker({})
+    readiness, metrics = relay_readiness(FakeListener(), slot), relay_metrics(slot)
+    assert type(readiness) is Readiness and "workers" not in readiness.report()
+    assert b"notifyrelay_workers 1.0" in metrics.exposition()
 
 
 def test_worker_slot_round_trips_through_the_environment(tmp_path: Path) -> None:

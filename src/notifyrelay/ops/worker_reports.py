@@ -8,8 +8,9 @@ own registry's ``/metrics`` exposition (every second)::
     DIR/supervisor.prom  notifyrelay_workers, notifyrelay_worker_restarts_total (written by the supervisor)
 
 The kernel hands a probe to any worker (SO_REUSEPORT), so whichever one gets it answers for every worker by reading
-the others' files beside its own live state: ``/readyz`` is ready only when every worker is, and one scrape of
-``/metrics`` carries every worker's series with a ``worker`` label. A report older than ``STALE_S`` is a worker that
+the others' files beside its own live state (``WorkerReadiness``, ``WorkerMetrics``: drop-ins for the relay's own):
+``/readyz`` is ready only when every worker is, and one scrape of ``/metrics`` carries every worker's series with a
+``worker`` label. A report older than ``STALE_S`` is a worker that
 stopped turning its event loop, or died: not ready. The supervisor removes a dead worker's files as it reaps it.
 
 Why files and not prometheus-client's multiprocess mode: see docs/scaling.md (it drops the process_* collectors and
@@ -25,11 +26,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 import structlog
 from prometheus_client import Gauge
+
+from .health import ListenerStatus, Readiness
+from .metrics import Metrics
 
 log = structlog.get_logger("notifyrelay.workers")
 
@@ -41,14 +45,6 @@ REPORT_INTERVAL_S = 0.25  # a worker's readiness file is this fresh
 METRICS_EVERY = 4  # reports; so its exposition file is at most a second old
 STALE_S = 3.0  # a worker whose report is older than this is not ready (its loop is stuck, or it is gone)
 SUPERVISOR_METRICS = "supervisor.prom"
-
-
-class ReadinessSource(Protocol):
-    def report(self) -> dict[str, Any]: ...
-
-
-class MetricsSource(Protocol):
-    def exposition(self) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -193,60 +189,47 @@ def _with_worker_label(sample: str, worker: str) -> str:
     return f'{name}{{worker="{worker}"}}{rest}'
 
 
-class WorkerProbes:
-    """What ``/readyz`` and ``/metrics`` answer: this process's own report and registry when it runs alone, every
-    worker's when it is one of a supervisor's workers (``slot`` set). ``run()`` publishes this worker's share."""
+def join_supervisor(environ: Mapping[str, str] | None = None) -> WorkerSlot | None:
+    """The slot a supervisor gave this process, None when it runs alone. As a worker, its log lines carry
+    ``worker=INDEX`` from now on (bound before the event loop starts, so that every task inherits it)."""
+    slot = WorkerSlot.from_environ(environ)
+    if slot is not None:
+        structlog.contextvars.bind_contextvars(worker=slot.index)
+    return slot
 
-    def __init__(
-        self,
-        readiness: ReadinessSource,
-        metrics: MetricsSource,
-        slot: WorkerSlot | None = None,
-        *,
-        on_orphaned: Callable[[], None] | None = None,
-    ) -> None:
-        self.readiness = readiness
-        self.metrics = metrics
+
+def relay_metrics(slot: WorkerSlot | None) -> Metrics:
+    """The relay's metrics. Alone: its own registry, with ``notifyrelay_workers`` 1. As a worker: a Metrics whose
+    exposition covers every worker (the supervisor reports ``notifyrelay_workers``)."""
+    if slot is not None:
+        return WorkerMetrics(slot)
+    metrics = Metrics()
+    Gauge("notifyrelay_workers", "Relay worker processes running.", registry=metrics.registry).set(1)
+    return metrics
+
+
+def relay_readiness(listener: ListenerStatus, slot: WorkerSlot | None) -> Readiness:
+    """The relay's readiness: its own alone, every worker's as a worker."""
+    return Readiness(listener) if slot is None else WorkerReadiness(listener, slot)
+
+
+class WorkerMetrics(Metrics):
+    """A worker's metrics: counted in its own registry, exposed (``/metrics``) for every worker, each series
+    labelled with its worker, beside the supervisor's own."""
+
+    def __init__(self, slot: WorkerSlot) -> None:
+        super().__init__()
         self.slot = slot
-        self._on_orphaned = on_orphaned
-        self._parent = os.getppid()
-        self._publishing = True  # False after a failed write, so that a lasting failure is logged once
 
-    @classmethod
-    def from_environ(
-        cls,
-        readiness: ReadinessSource,
-        metrics: Any,
-        *,
-        on_orphaned: Callable[[], None] | None = None,
-        environ: Mapping[str, str] | None = None,
-    ) -> WorkerProbes:
-        """The probes for this process. Alone, its registry gains ``notifyrelay_workers`` = 1 (a supervisor reports
-        the real count for its workers). As a worker, its log lines carry ``worker=INDEX``."""
-        slot = WorkerSlot.from_environ(environ)
-        if slot is None:
-            Gauge("notifyrelay_workers", "Relay worker processes running.", registry=metrics.registry).set(1)
-        else:
-            structlog.contextvars.bind_contextvars(worker=slot.index)
-        return cls(readiness, metrics, slot, on_orphaned=on_orphaned)
-
-    def report(self) -> dict[str, Any]:
-        own = self.readiness.report()
-        slot = self.slot
-        if slot is None:
-            return own
-        others = [read_worker(slot.directory, index) for index in range(slot.count) if index != slot.index]
-        return merge_readiness(own, slot.index, others)
+    def own_exposition(self) -> bytes:
+        return super().exposition()
 
     def exposition(self) -> bytes:
-        own = self.metrics.exposition()
         slot = self.slot
-        if slot is None:
-            return own
         parts: list[tuple[str | None, str]] = []
         for index in range(slot.count):
             if index == slot.index:
-                parts.append((str(index), own.decode()))
+                parts.append((str(index), self.own_exposition().decode()))
                 continue
             try:
                 parts.append((str(index), exposition_path(slot.directory, index).read_text()))
@@ -256,16 +239,43 @@ class WorkerProbes:
             parts.append((None, (slot.directory / SUPERVISOR_METRICS).read_text()))
         return merge_expositions(parts).encode()
 
-    async def run(self) -> None:
-        """As a worker: publish this worker's readiness and metrics until cancelled, and stop the relay if the
-        supervisor dies (workers live in their own process group, so nothing else would stop them). Alone: return."""
+
+class WorkerReadiness(Readiness):
+    """A worker's readiness: ``/readyz`` is ready only when every worker is."""
+
+    def __init__(self, listener: ListenerStatus, slot: WorkerSlot) -> None:
+        super().__init__(listener)
+        self.slot = slot
+
+    def own_report(self) -> dict[str, Any]:
+        return super().report()
+
+    def report(self) -> dict[str, Any]:
         slot = self.slot
-        if slot is None:
+        others = [read_worker(slot.directory, index) for index in range(slot.count) if index != slot.index]
+        return merge_readiness(self.own_report(), slot.index, others)
+
+
+class WorkerReporter:
+    """Publishes a worker's own readiness and metrics for the other workers and the supervisor to read, and stops
+    the relay if the supervisor dies (workers live in their own process group: nothing else would stop them)."""
+
+    def __init__(self, readiness: Readiness, metrics: Metrics, *, on_orphaned: Callable[[], None]) -> None:
+        self.readiness = readiness
+        self.metrics = metrics
+        self._on_orphaned: Callable[[], None] | None = on_orphaned
+        self._parent = os.getppid()
+        self._publishing = True  # False after a failed write, so that a lasting failure is logged once
+
+    async def run(self) -> None:
+        """Publish until cancelled; return at once when this process is no worker (it runs alone)."""
+        readiness, metrics = self.readiness, self.metrics
+        if not isinstance(readiness, WorkerReadiness) or not isinstance(metrics, WorkerMetrics):
             return
         ticks = 0
         try:
             while True:
-                self.publish(metrics=ticks % METRICS_EVERY == 0)
+                self.publish(readiness, metrics, with_metrics=ticks % METRICS_EVERY == 0)
                 ticks += 1
                 if os.getppid() != self._parent and self._on_orphaned is not None:
                     log.error("worker.orphaned", supervisor_pid=self._parent)
@@ -274,17 +284,15 @@ class WorkerProbes:
                 await asyncio.sleep(REPORT_INTERVAL_S)
         finally:
             # A worker on its way out is not ready: say so at once rather than after STALE_S.
-            forget_worker(slot.directory, slot.index)
+            forget_worker(readiness.slot.directory, readiness.slot.index)
 
-    def publish(self, *, metrics: bool = True) -> None:
-        """Write this worker's report (and its exposition) for the other workers and the supervisor to read."""
-        slot = self.slot
-        assert slot is not None
+    def publish(self, readiness: WorkerReadiness, metrics: WorkerMetrics, *, with_metrics: bool = True) -> None:
+        slot = readiness.slot
         try:
-            if metrics:
-                write_atomically(exposition_path(slot.directory, slot.index), self.metrics.exposition())
+            if with_metrics:
+                write_atomically(exposition_path(slot.directory, slot.index), metrics.own_exposition())
             document = {"worker": slot.index, "pid": os.getpid(), "time": time.time(),
-                        "report": self.readiness.report()}
+                        "report": readiness.own_report()}
             write_atomically(report_path(slot.directory, slot.index), msgspec.json.encode(document))
         except OSError as exc:
             # The directory went away (the supervisor is gone, or cleaned up): the orphan check stops us.
