@@ -110,7 +110,7 @@ async def test_keys_that_cannot_be_the_key_columns_text_are_gone_without_an_erro
 async def test_postgresql_types_convert_to_the_documented_json(
     pool: tuple[StatePool, Metrics], conn: asyncpg.Connection
 ) -> None:
-    """numeric, timestamptz, uuid, jsonb, arrays, bytea, interval, ranges, NaN and infinity take docs/state.md's forms."""
+    """numeric, timestamptz, uuid, jsonb, arrays, bytea, interval, ranges, NaN, infinity: docs/state.md's JSON forms."""
     state_pool, metrics = pool
     await conn.execute("DROP TYPE IF EXISTS mood CASCADE; CREATE TYPE mood AS ENUM ('calm', 'busy')")
     query = """
@@ -184,7 +184,7 @@ async def test_a_failing_query_gives_query_failed_and_is_counted(pool: tuple[Sta
 async def test_a_slow_query_times_out_within_timeout_ms_and_the_pool_recovers(pool: tuple[StatePool, Metrics]) -> None:
     """A query slower than timeout_ms returns timeout promptly (the query is cancelled) and the next one works."""
     state_pool, metrics = pool
-    query = "SELECT k AS key, pg_sleep(CASE WHEN k = 'slow' THEN 30 ELSE 0 END)::text AS slept FROM unnest($1::text[]) k"
+    query = "SELECT k AS key, pg_sleep(CASE WHEN k = 'slow' THEN 30 ELSE 0 END)::text slept FROM unnest($1::text[]) k"
     state = ChannelState(channel({"query": query, "timeout_ms": 300}), state_pool, metrics)
     started = time.monotonic()
     result = await state.fetch(["slow"])
@@ -248,8 +248,8 @@ async def test_state_queries_cannot_write(pool: tuple[StatePool, Metrics], jobs:
         ({"table": "{jobs}", "columns": ["nope"]}, None, 'column "nope" does not exist'),
         ({"table": "{jobs}", "key_column": "ident", "columns": ["status"]}, None, 'column "ident" does not exist'),
         ({"query": "SELECT id AS ident FROM {jobs} WHERE id::text = ANY($1)"}, None, "named key"),
-        ({"query": "SELECT id AS key FROM {jobs} WHERE id::text = ANY($1)", "list_query": "SELECT 1 AS key FROM nowhere"},
-         None, "state list_query cannot work"),
+        ({"query": "SELECT id AS key FROM {jobs} WHERE id::text = ANY($1)",
+          "list_query": "SELECT 1 AS key FROM nowhere"}, None, "state list_query cannot work"),
         ({"query": "SELECT id AS key, status FROM {jobs} WHERE id::text = ANY($1)"}, {"done": "done"},
          "no column 'done'"),
     ],
