@@ -105,6 +105,7 @@ class KeyState:
     changes: int = 0
     changed_at: float = 0.0  # time.time() of the last frame that named this key
     state_error: str | None = None  # the relay could not attach this key's row to the last frame ("too_large", ...)
+    payload: Any = None  # the last payload (channels with include_payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,6 +392,7 @@ class RelayClient:
     def _apply_rows(self, kind: str, channel: str, frame: Mapping[str, Any]) -> Event:
         rows: Mapping[str, Any] = frame.get("rows") or {}
         progress: Mapping[str, Any] = frame.get("progress") or {}
+        payloads: Mapping[str, Any] = frame.get("payloads") or {}
         gone = tuple(str(key) for key in frame.get("gone") or ())
         errored = {str(key) for key in frame.get("state_error_keys") or ()}
         if kind == "snapshot":
@@ -416,6 +418,8 @@ class RelayClient:
                 entry.row = rows[key]
             if key in progress and isinstance(progress[key], Mapping):
                 entry.progress = Progress.from_frame(progress[key])
+            if key in payloads:
+                entry.payload = payloads[key]
             entry.state_error = str(error) if error and (key in errored or key not in rows) else None
         for key in gone:
             table.pop(key, None)
