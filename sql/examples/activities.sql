@@ -1,5 +1,27 @@
 -- Example: a job system's progress table whose changes are relayed on channel activity_progress, keyed by id.
 -- Requires sql/install.sql. Idempotent. The demo (notifyrelay demo) uses exactly this file.
+--
+-- The triggers below send only the key. To have the relay send the row itself, with progress figures, make the
+-- channel a state channel (docs/state.md): once per batch it fetches the batch's rows with one query.
+--
+--   [[channels]]
+--   name = "activity_progress"
+--   [channels.state]
+--   table = "activities"
+--   key_column = "id"
+--   columns = ["status", "objects_processed", "objects_to_process", "message", "updated_at"]
+--   list_query = "SELECT id::text AS key, status, objects_processed, objects_to_process, message, updated_at FROM activities WHERE status NOT IN ('complete', 'failed', 'cancelled')"
+--   [channels.progress]
+--   done = "objects_processed"
+--   total = "objects_to_process"          # 0 (as below, until known): indeterminate, no percent and no ETA
+--   status = "status"
+--   terminal = ["complete", "failed", "cancelled"]
+--   failed = ["failed"]
+--
+-- The state pool needs only to read the columns clients may see (a role of its own is recommended):
+--   GRANT SELECT (id, status, objects_processed, objects_to_process, message, updated_at) ON activities TO relay_reader;
+-- The triggers' WHEN clauses decide what counts as a change: a column left out of them (updated_at) is still sent in
+-- rows, but changing only it sends nothing.
 
 CREATE TABLE IF NOT EXISTS activities (
     id                  bigserial PRIMARY KEY,

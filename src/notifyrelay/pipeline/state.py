@@ -317,11 +317,12 @@ class ChannelState:
         rows, texts, too_large = self._rows(records, None)
         return self._result(rows, [], too_large, error, texts)
 
-    def newly_stalled(self, now: float) -> list[str]:
-        """Keys that became stalled since the last call (``now`` from the same clock as this channel's)."""
+    def newly_stalled(self, now: float | None = None) -> list[str]:
+        """Keys that became stalled since the last call; call it about once a second, refetch them and send a notify.
+        ``now`` is from this channel's clock (its own reading when None)."""
         if self.progress is None:
             return []
-        stalled = self.progress.newly_stalled(now)
+        stalled = self.progress.newly_stalled(self.clock() if now is None else now)
         self.metrics.stalled_keys.labels(self.channel).set(self.progress.stalled_count)
         return stalled
 
