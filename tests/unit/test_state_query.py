@@ -70,3 +70,38 @@ def test_the_wrapper_renders_rows_as_json_and_survives_a_trailing_comment_and_se
     assert "s.size <= 8192" in sql
     assert "-- the keys\n) AS q" in sql
     assert ";" not in wrap_query("SELECT 1 AS key;\n", 10)
+
+
+async def test_watch_stalls_hands_each_channels_newly_stalled_keys_over_once() -> None:
+    """watch_stalls reports a key that stopped moving once, per channel, from channel_states' ChannelStates."""
+    import asyncio
+
+    from notifyrelay.config import ChannelConfig
+    from notifyrelay.ops.metrics import Metrics
+    from notifyrelay.pipeline.state import StatePool, channel_states, watch_stalls
+
+    now = [0.0]
+    channels = [
+        msgspec.convert({"name": "jobs", "state": {"table": "t", "columns": ["s"]},
+                         "progress": {"status": "s", "stall_after_s": 5}}, ChannelConfig),
+        msgspec.convert({"name": "plain"}, ChannelConfig),
+    ]
+    metrics = Metrics()
+    states = channel_states(channels, StatePool("", 1, metrics), metrics, clock=lambda: now[0])
+    assert list(states) == ["jobs"]
+    tracker = states["jobs"].progress
+    assert tracker is not None
+    tracker.observe("42", {"s": "running"}, 0.0)
+    seen: list[tuple[str, list[str]]] = []
+    task = asyncio.create_task(watch_stalls(lambda: states, lambda name, keys: seen.append((name, keys)),
+                                            interval_s=0.001))
+    try:
+        now[0] = 6.0
+        async with asyncio.timeout(5):
+            while not seen:
+                await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+    assert seen == [("jobs", ["42"])]
+    assert metrics.registry.get_sample_value("notifyrelay_stalled_keys", {"channel": "jobs"}) == 1

@@ -14,7 +14,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ log = structlog.get_logger("notifyrelay.state")
 _json_decode = msgspec.json.Decoder(dict[str, Any]).decode
 LOG_EVERY_S = 10.0  # at most one log line per channel and outcome this often; the others are counted in it
 RELEASE_TIMEOUT_S = 5.0
+STALL_CHECK_S = 1.0  # how often watch_stalls looks for keys that became stalled
 # Session settings of the state pool: timestamps render in UTC, intervals as ISO 8601 durations, and no query the
 # operator writes can change data.
 SERVER_SETTINGS = {"TimeZone": "UTC", "IntervalStyle": "iso_8601", "default_transaction_read_only": "on"}
@@ -415,3 +416,29 @@ class ChannelState:
                 self.progress.forget(key)
             self.metrics.stalled_keys.labels(self.channel).set(self.progress.stalled_count)
         return StateResult(rows, gone, progress, "too_large" if too_large else error, too_large)
+
+
+def channel_states(
+    channels: Iterable[ChannelConfig], pool: StatePool, metrics: Metrics, *, clock: Callable[[], float] = time.monotonic
+) -> dict[str, ChannelState]:
+    """A ChannelState for each channel with ``[channels.state]``, by channel name."""
+    return {channel.name: ChannelState(channel, pool, metrics, clock=clock) for channel in channels if channel.state}
+
+
+async def watch_stalls(
+    states: Callable[[], Mapping[str, ChannelState]],
+    on_stalled: Callable[[str, list[str]], None],
+    *,
+    interval_s: float = STALL_CHECK_S,
+) -> None:
+    """Run until cancelled: every ``interval_s``, hand each channel's newly stalled keys to ``on_stalled``.
+
+    ``on_stalled(channel, keys)`` must not block: it queues the keys in the channel's ordered stream, which fetches
+    them again (so the frame's progress says ``stalled``) and sends a notify. ``states`` is called each time, so a
+    reload's new channels are seen.
+    """
+    while True:
+        await asyncio.sleep(interval_s)
+        for name, state in list(states().items()):
+            if stalled := state.newly_stalled():
+                on_stalled(name, stalled)
