@@ -101,10 +101,28 @@ async def test_keys_that_cannot_be_the_key_columns_text_are_gone_without_an_erro
     assert result.error is None
     assert result.rows == {"1": {"status": "running"}}
     assert result.gone == ["abc", "042", "99999999999999999999", "-0"]
-    # Before check() (type unknown), the same keys are compared as text, with the same answer.
+    # Without check() (the database was down at start), the first fetch learns the type itself.
     fresh = ChannelState(channel({"table": jobs, "columns": ["status"]}), state_pool, metrics)
     again = await fresh.fetch(["abc", "042", "1"])
     assert (again.rows, again.gone, again.error) == ({"1": {"status": "running"}}, ["abc", "042"], None)
+    assert '"id" = ANY($1::text[]::int8[])' in fresh._sql
+
+
+async def test_an_unexpected_error_inside_fetch_is_a_query_failed_not_a_crash(
+    pool: tuple[StatePool, Metrics], jobs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even a bug in turning records into rows returns query_failed instead of raising into the channel's worker."""
+    state_pool, metrics = pool
+    state = ChannelState(channel({"table": jobs, "columns": ["status"], "list_query": f"SELECT id AS key FROM {jobs}"}),
+                         state_pool, metrics)
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(state, "_rows", broken)
+    assert (await state.fetch(["1"])).error == "query_failed"
+    listed = await state.fetch_list()
+    assert listed is not None and listed.error == "query_failed"
 
 
 async def test_postgresql_types_convert_to_the_documented_json(

@@ -234,6 +234,7 @@ class ChannelState:
         self.progress = ProgressTracker(channel.progress) if channel.progress else None
         self._progress_config = channel.progress
         self._key_type: str | None = None  # the key column's type, once known (table form)
+        self._typed = False  # whether it was looked up
         self._sql = self._build()
         self._list_sql = wrap_query(self.config.list_query, self.config.max_row_bytes) if self.config.list_query else ""
         self._logged: dict[str, tuple[float, int]] = {}  # outcome -> (last logged at, suppressed since)
@@ -279,9 +280,8 @@ class ChannelState:
                 log.info("state.check_deferred", channel=self.channel, error=str(exc) or type(exc).__name__)
                 return None
             names = [column for column, _ in columns]
-            if name == "query" and self.config.table and columns and columns[0][1] != self._key_type:
-                self._key_type = columns[0][1]
-                self._sql = self._build()
+            if name == "query" and self.config.table:
+                self._set_key_type(columns[0][1] if columns else None)
             missing = [column for column in self._progress_columns() if column not in names]
             if missing:
                 return (
@@ -290,18 +290,32 @@ class ChannelState:
                 )
         return None
 
+    def _set_key_type(self, key_type: str | None) -> None:
+        self._typed = True
+        if key_type != self._key_type:
+            self._key_type = key_type
+            self._sql = self._build()
+
     def _progress_columns(self) -> list[str]:
         config = self._progress_config
         return [column for column in (config.done, config.total, config.status) if column] if config else []
 
     async def fetch(self, keys: Sequence[str]) -> StateResult:
         """The current rows of ``keys`` (one query), and their progress. Never raises; bounded by ``timeout_ms``."""
-        keys = list(dict.fromkeys(keys))
+        try:
+            return await self._fetch(list(dict.fromkeys(keys)))
+        except Exception as exc:  # a bug here costs one frame its rows, never the channel's worker
+            return self._broken(exc)
+
+    async def _fetch(self, keys: list[str]) -> StateResult:
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        if self.config.table and not self._typed:
+            await self._learn_key_type(deadline)
         valid = KEY_TYPES.get(self._key_type or "")
         asked = [key for key in keys if valid(key)] if valid else keys
         if not asked:
             return self._result({}, keys, [], None)
-        records, error = await self._query(self._sql, [asked])
+        records, error = await self._query(self._sql, [asked], deadline)
         if records is None:
             return StateResult({}, [], {} if self.progress else None, error)
         rows, texts, too_large = self._rows(records, set(asked))
@@ -312,11 +326,31 @@ class ChannelState:
         """The rows of ``list_query`` (what a ``"*"`` follower gets on subscribe), or None without one."""
         if not self._list_sql:
             return None
-        records, error = await self._query(self._list_sql, [])
-        if records is None:
-            return StateResult({}, [], {} if self.progress else None, error)
-        rows, texts, too_large = self._rows(records, None)
-        return self._result(rows, [], too_large, error, texts)
+        try:
+            deadline = asyncio.get_running_loop().time() + self._timeout_s
+            records, error = await self._query(self._list_sql, [], deadline)
+            if records is None:
+                return StateResult({}, [], {} if self.progress else None, error)
+            rows, texts, too_large = self._rows(records, None)
+            return self._result(rows, [], too_large, error, texts)
+        except Exception as exc:
+            return self._broken(exc)
+
+    def _broken(self, exc: Exception) -> StateResult:
+        log.exception("state.fetch_failed", channel=self.channel, error=str(exc) or type(exc).__name__)
+        self.metrics.state_queries.labels(self.channel, "query_failed").inc()
+        return StateResult({}, [], {} if self.progress else None, "query_failed")
+
+    async def _learn_key_type(self, deadline: float) -> None:
+        """Learn the key column's type (check() does it at start; this is for a database that was down then)."""
+        try:
+            columns = await self.pool.prepare_attributes(table_query(self.config, None), deadline)
+        except (TimeoutError, OSError, *_CONNECTION_ERRORS):
+            return  # the database is away: next time
+        except Exception:
+            self._typed = True  # the query is wrong: its own fetch reports it
+            return
+        self._set_key_type(columns[0][1] if columns else None)
 
     def newly_stalled(self, now: float | None = None) -> list[str]:
         """Keys that became stalled since the last call; call it about once a second, refetch them and send a notify.
@@ -327,12 +361,14 @@ class ChannelState:
         self.metrics.stalled_keys.labels(self.channel).set(self.progress.stalled_count)
         return stalled
 
-    async def _query(self, sql: str, args: list[Any]) -> tuple[list[asyncpg.Record] | None, str | None]:
+    async def _query(
+        self, sql: str, args: list[Any], deadline: float
+    ) -> tuple[list[asyncpg.Record] | None, str | None]:
         """Run one query; (records, None), or (None, "timeout" | "query_failed") after logging and counting."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            records = await self.pool.fetch(sql, args, started + self._timeout_s)
+            records = await self.pool.fetch(sql, args, deadline)
         except TimeoutError:
             self._failed("timeout", f"no answer within {self.config.timeout_ms} ms", started)
             return None, "timeout"
