@@ -1,8 +1,8 @@
-"""The coalescer across reloads: no pending key lost, seq never restarting."""
+"""The coalescer across reloads and overflow: no pending key lost, seq and ts never restarting."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from notifyrelay.config import ChannelConfig, CoalesceConfig
 from notifyrelay.ops.metrics import Metrics
@@ -13,13 +13,13 @@ from notifyrelay.pipeline.ingest import IngestQueue
 class Sink:
     def __init__(self) -> None:
         self.batches: list[Batch] = []
-        self.resyncs: list[tuple[str, str]] = []
+        self.overflows: list[tuple[str, datetime, datetime]] = []
 
     def publish(self, batch: Batch) -> None:
         self.batches.append(batch)
 
-    def resync(self, channel: str, reason: str, gap_start: datetime, gap_end: datetime) -> None:
-        self.resyncs.append((channel, reason))
+    def overflow(self, channel: str, gap_start: datetime, gap_end: datetime) -> None:
+        self.overflows.append((channel, gap_start, gap_end))
 
 
 def make(channels: list[ChannelConfig]) -> tuple[Coalescer, Sink, list[float]]:
@@ -51,15 +51,44 @@ def test_seq_continues_when_a_channel_is_removed_and_added_back() -> None:
     assert [b.seq for b in sink.batches] == [1, 2]
 
 
-def test_sustained_overflow_sends_at_most_one_resync_per_window() -> None:
-    """Overflow marks arriving on every drain yield one resync per channel per window, none lost."""
+def test_ts_continues_when_a_channel_is_removed_and_added_back() -> None:
+    """A channel re-added by a reload resumes from its last ts, so resume positions never go back, even when the
+    wall clock did."""
+    coalescer, sink, clock = make([ChannelConfig(name="c")])
+    coalescer._windows["c"]._wall_clock = lambda: 2_000_000_000.0  # a clock far ahead, later set right
+    coalescer.ingest([("c", "1", 100.0)])
+    coalescer.set_channels([])
+    coalescer.set_channels([ChannelConfig(name="c")])
+    clock[0] = 101.0
+    coalescer.ingest([("c", "2", 101.0)])
+    assert [b.ts for b in sink.batches] == [2_000_000_000_000, 2_000_000_000_001]
+
+
+def test_batches_carry_strictly_growing_ts_per_channel() -> None:
+    """Every batch has a ts in Unix ms, strictly growing per channel, however close together they flush."""
+    coalescer, sink, clock = make([ChannelConfig(name="c"), ChannelConfig(name="d")])
+    for step in range(20):
+        clock[0] = 100.0 + step * 0.25  # each one a window after the last: flushed at once
+        coalescer.ingest([("c", str(step), clock[0]), ("d", str(step), clock[0])])
+    for channel in ["c", "d"]:
+        stamps = [b.ts for b in sink.batches if b.channel == channel]
+        assert len(stamps) == 20 and stamps == sorted(set(stamps))
+        assert abs(stamps[-1] - datetime.now(UTC).timestamp() * 1000) < 60_000
+
+
+def test_sustained_overflow_is_reported_at_most_once_per_window() -> None:
+    """Overflow marks arriving on every drain yield one overflow per channel per window, none lost, and the gap
+    reported starts at the earliest loss since the last report."""
     coalescer, sink, clock = make([ChannelConfig(name="c")])
     queue = coalescer._queue
+    first_loss = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)
     for step in range(10):  # ten drains 10 ms apart, each finding the queue overflowed
         clock[0] = 100.0 + step * 0.01
-        queue._overflow["c"] = datetime.now()
+        queue._overflow["c"] = first_loss + timedelta(milliseconds=10 * step)
         coalescer.ingest([])
-    assert sink.resyncs == [("c", "overflow")]
+    assert [(channel, start) for channel, start, _ in sink.overflows] == [("c", first_loss)]
     clock[0] = 100.5
     coalescer.ingest([])  # the deferred one goes out once the window has passed
-    assert sink.resyncs == [("c", "overflow"), ("c", "overflow")]
+    assert len(sink.overflows) == 2
+    channel, start, end = sink.overflows[1]
+    assert channel == "c" and start == first_loss + timedelta(milliseconds=10) and start < end

@@ -51,6 +51,7 @@ def test_no_key_lost_none_twice_and_windows_respected(stream: list[tuple[float, 
     times = [at for at, _ in batches]
     assert all(later - earlier >= WINDOW - 1e-9 for earlier, later in itertools.pairwise(times))
     assert [batch.seq for _, batch in batches] == list(range(1, len(batches) + 1))
+    assert all(earlier.ts < later.ts for (_, earlier), (_, later) in itertools.pairwise(batches))
 
 
 @settings(max_examples=200)
@@ -93,3 +94,27 @@ def test_window_zero_makes_every_notification_a_batch() -> None:
     batches = [window.add("k", n, 1.0) for n in range(3)]
     assert [b.seq for b in batches if b] == [1, 2, 3]
     assert all(b is not None and b.keys == ["k"] for b in batches)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.floats(min_value=0, max_value=2e9, allow_nan=False), min_size=1, max_size=50))
+def test_batch_ts_grows_strictly_whatever_the_wall_clock_does(readings: list[float]) -> None:
+    """A batch's ts (the resume position) is the wall clock in Unix ms, but never repeats or goes back, even when
+    the clock stands still, steps back, or two batches fall in the same millisecond."""
+    clock = iter(readings)
+    window = ChannelWindow("c", window_s=0, leading_edge=True, with_payloads=False, wall_clock=lambda: next(clock))
+    batches = [window.add("k", None, float(n)) for n in range(len(readings))]
+    stamps = [batch.ts for batch in batches if batch is not None]
+    assert len(stamps) == len(readings)
+    assert all(earlier < later for earlier, later in itertools.pairwise(stamps))
+    assert all(ts >= int(reading * 1000) for ts, reading in zip(stamps, readings, strict=True))
+    assert window.ts == stamps[-1]
+
+
+def test_batch_ts_is_the_wall_clock_in_milliseconds() -> None:
+    """With a clock that moves forward, ts is simply its reading in Unix milliseconds."""
+    readings = iter([1764504000.1234, 1764504001.5])
+    window = ChannelWindow("c", window_s=0, leading_edge=True, with_payloads=False, wall_clock=lambda: next(readings))
+    first, second = window.add("a", None, 1.0), window.add("b", None, 2.0)
+    assert first is not None and second is not None
+    assert (first.ts, second.ts) == (1764504000123, 1764504001500)
