@@ -353,3 +353,23 @@ async def test_progress_follows_the_rows_and_stalls(
     await conn.execute(f"DELETE FROM {jobs} WHERE id = 2")
     assert (await state.fetch(["2"])).gone == ["2"]
     assert sample(metrics, "stalled_keys", channel="jobs") == 0
+
+
+async def test_a_database_restart_costs_the_queries_during_the_outage_only(own_database: Database) -> None:
+    """While PostgreSQL is stopped fetches are query_failed (promptly); once it is back the next fetch succeeds."""
+    assert own_database.server is not None
+    query = "SELECT k AS key, 1 AS n FROM unnest($1::text[]) AS k"
+    metrics = Metrics()
+    state_pool = StatePool(own_database.dsn, 2, metrics)
+    await state_pool.start()
+    try:
+        state = ChannelState(channel({"query": query, "timeout_ms": 2000}), state_pool, metrics)
+        assert (await state.fetch(["a"])).rows == {"a": {"n": 1}}
+        await asyncio.to_thread(own_database.server.stop)
+        down = await state.fetch(["a"])
+        assert (down.error, down.rows) == ("query_failed", {})
+        await asyncio.to_thread(own_database.server.start)
+        back = await state.fetch(["a"])
+        assert (back.error, back.rows) == (None, {"a": {"n": 1}})
+    finally:
+        await state_pool.close()
