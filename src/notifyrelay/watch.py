@@ -300,7 +300,10 @@ class _UntilDone:
             return
         frame = event.frame
         self.missing.update(key for key in event.gone if key in self.keys)
-        if event.keys and "progress" not in frame and not frame.get("state_error"):
+        rows = frame.get("rows") or {}
+        named = [key for key in event.keys if key not in event.gone]
+        # Rows without progress, or no rows at all (a hint channel): nothing here can say when a key is done.
+        if named and not frame.get("progress") and not frame.get("state_error") and (rows or "rows" not in frame):
             raise _Finished(EXIT_USAGE, f"--until-done needs progress on channel {event.channel!r}, and its frames "
                                         "carry none: give the channel a [channels.progress] table")
         table = client.state.get(event.channel, {})

@@ -147,7 +147,13 @@ def test_version() -> None:
 
 
 async def test_demo_shows_live_progress_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    """`notifyrelay demo` prints a URL where progress events arrive; SIGINT stops it with status 0."""
+    """`notifyrelay demo` prints its /ui page URL first, then a watch line that works as pasted; the page is served,
+    clients see activities' rows and progress move and system_stability relayed; SIGINT stops it with status 0."""
+    import shlex
+    import urllib.request
+
+    from notifyrelay.client import RelayClient
+
     stderr = (tmp_path / "demo.stderr").open("w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "notifyrelay", "demo", "--listen", "127.0.0.1:0"],
@@ -161,18 +167,46 @@ async def test_demo_shows_live_progress_and_stops_cleanly_on_ctrl_c(tmp_path: Pa
 
     try:
         assert process.stdout is not None
-        url = ""
+        lines: list[str] = []
         async with asyncio.timeout(30):
-            while not url:
+            while not any(" watch ws://" in line for line in lines):
                 line = await asyncio.to_thread(process.stdout.readline)
-                assert line, f"the demo exited before printing its URL; {said()}"
-                if line.strip().startswith("websocket:"):
-                    url = line.split()[1]
-        client = Client(await connect(url + "?channel=activity_progress"))
-        assert (await client.recv())["type"] == "welcome"
-        frame = await client.recv_type("notify", timeout=10)
-        assert frame["channel"] == "activity_progress" and frame["keys"]
-        await client.connection.close()
+                assert line, f"the demo exited before printing its watch line; {said()}"
+                lines.append(line.strip())
+        page = next(line for line in lines if line.startswith("page:")).split()[1]
+        watch_line = next(line for line in lines if " watch ws://" in line)
+        assert lines.index(next(line for line in lines if line.startswith("page:"))) < lines.index(watch_line)
+        assert page.startswith("http://127.0.0.1:") and page.endswith("/ui")
+        with await asyncio.to_thread(urllib.request.urlopen, page, timeout=10) as answer:
+            assert answer.status == 200 and answer.headers["Content-Type"].startswith("text/html")
+        url = next(word for word in shlex.split(watch_line) if word.startswith("ws://"))
+
+        # A client sees the activities as rows with progress, and their figures move within seconds.
+        seen: dict[str, set[float]] = {}
+        async with RelayClient(url, follow={"activity_progress": ["*"]}) as client, asyncio.timeout(20):
+            async for event in client:
+                if event.type == "welcome":
+                    assert {"activity_progress", "system_stability"} <= set(client.channels)
+                for key in event.keys if event.type in ("notify", "snapshot") else ():
+                    state = client.state["activity_progress"].get(key)
+                    if state and state.progress and state.row and state.progress.done is not None:
+                        assert {"status", "objects_processed", "message"} <= set(state.row)
+                        seen.setdefault(key, set()).add(state.progress.done)
+                if sum(len(values) >= 3 for values in seen.values()) >= 2:
+                    break
+
+        # The printed watch line works as pasted (here with --json, through a pipe).
+        watch = await asyncio.create_subprocess_exec(
+            *shlex.split(watch_line), "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        )
+        assert watch.stdout is not None
+        async with asyncio.timeout(10):
+            while b'"progress"' not in (frame := await watch.stdout.readline()):
+                assert frame, (await watch.communicate())[1]
+        watch.terminate()
+        assert await watch.wait() == 0
+
         process.send_signal(signal.SIGINT)
         assert await asyncio.to_thread(process.wait, 20) == 0, said()
     finally:
