@@ -107,7 +107,9 @@ def build() -> dict[str, Any]:
                 "0": {"text": "DOWN", "color": RED}, "1": {"text": "UP", "color": GREEN}}}]})
     d.panel("stat", "Since last heartbeat", "Age of the newest heartbeat that came back; /readyz fails past "
             "interval + timeout + 5 s.",
-            [(f"max(time() - {series('listener_last_heartbeat_timestamp_seconds')})", "")], x=4, w=4, h=4,
+            [(f"max(time() - {series('listener_last_heartbeat_timestamp_seconds')})", "heartbeat"),
+             (f"max(time() - {series('pg_notification_queue_sampled_timestamp_seconds')})", "queue sample")],
+            x=4, w=4, h=4,
             unit="s", thresholds=steps((GREEN, None), (YELLOW, 20), (RED, 60)))
     d.panel("stat", "Clients", "Connected websocket clients, all selected relays.",
             [(f"sum({series('clients')})", "")], x=8, w=4, h=4, thresholds=steps((GREEN, None)))
@@ -139,7 +141,8 @@ def build() -> dict[str, Any]:
     d.panel("timeseries", "Dropped or overflowed", "Notifications without a usable key (bad payloads) and ingest "
             "overflows (each one sends subscribers a resync).",
             [(rate("bad_payloads_total", "channel"), "bad payload {{channel}}"),
-             (rate("ingest_overflows_total", "channel", fn="increase"), "overflow {{channel}}")], x=16)
+             (rate("ingest_overflows_total", "channel", fn="increase"), "overflow {{channel}}"),
+             (rate("listener_undecodable_payloads_total", "channel"), "not UTF-8 {{channel}}")], x=16)
     d.next_line()
 
     d.row("Latency")
@@ -162,7 +165,9 @@ def build() -> dict[str, Any]:
     d.panel("timeseries", "Reconnects and connect failures", "Lost LISTEN connections and failed attempts to "
             "connect, per interval. Alert NotifyRelayReconnectStorm at 3 losses in 15 minutes.",
             [(rate("listener_reconnects_total", "instance", fn="increase"), "reconnects {{instance}}"),
-             (rate("listener_connect_failures_total", "instance", fn="increase"), "connect failures {{instance}}")],
+             (rate("listener_connect_failures_total", "instance", fn="increase"), "connect failures {{instance}}"),
+             (rate("listener_connect_attempts_total", "instance", fn="increase"), "connect attempts {{instance}}"),
+             (rate("listener_unexpected_errors_total", "instance", fn="increase"), "unexpected errors {{instance}}")],
             x=8)
     d.panel("timeseries", "Listener gaps", "Average length of the gaps (last proof of listening to LISTEN in force "
             "again) that ended in each interval; clients were resynced for each.",

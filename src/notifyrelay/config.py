@@ -89,6 +89,7 @@ class ListenerConfig(_Section):
     connect_timeout_s: Seconds = 5.0
     reconnect_initial_s: Seconds = 0.1
     reconnect_max_s: Seconds = 10.0
+    probe_interval_s: Annotated[float, Meta(gt=0, le=1)] = 0.5
     queue_size: Annotated[int, Meta(ge=16)] = 100_000
     application_name: Annotated[str, Meta(min_length=1, max_length=63)] = "notifyrelay"
 

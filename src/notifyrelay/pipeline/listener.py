@@ -4,32 +4,46 @@ The notification callback is synchronous and only appends to the queue: asyncpg 
 notification for an async callback, with no backpressure. When the queue is full the notification is dropped and
 its channel marked, so that its subscribers are told to resync instead of missing it silently.
 
-The connection is proven to be *listening*, not merely open, by a heartbeat: a NOTIFY to a private channel that
-must come back within ``heartbeat_timeout_s``. A lost connection (termination callback, failed heartbeat or any
-error) is replaced forever, with exponential backoff and full jitter; every channel is LISTENed again, because
-asyncpg forgets listeners with the connection.
+The connection is proven to be *listening*, not merely open, by a heartbeat: a ``NOTIFY`` to a private channel
+that must come back within ``heartbeat_timeout_s`` (the command, not ``pg_notify()``, so that it needs no
+privilege). A lost connection (termination callback, failed heartbeat, any error at all) is replaced forever;
+every channel is LISTENed again, because asyncpg forgets listeners with the connection.
+
+Every path back to connecting goes through one wait (``_retry_wait``): while PostgreSQL is down (connections
+refused, timing out, or "starting up") the relay tries again every ``probe_interval_s`` at most, so it listens
+again within that of the database coming back, at no cost to it; when PostgreSQL answers but the attempt fails
+(authentication, privileges, a full NOTIFY queue, a failed heartbeat, anything unexpected) the wait grows
+exponentially with jitter to ``reconnect_max_s``, so a database in trouble is never hammered.
+
+The NOTIFY queue's usage is sampled on every connection and before every heartbeat, as a query of its own: its
+value stays fresh while heartbeats fail (which is when it matters), and a refused sample never costs the LISTEN.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import random
+import re
 import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import asyncpg
 import structlog
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from ..config import ListenerConfig
 from ..ops.metrics import Metrics
+from . import payload_guard
 from .ingest import IngestQueue
 
 log = structlog.get_logger("notifyrelay.listener")
+
 
 class ListenerObserver(Protocol):
     """Told about the listener's state changes (the hub, which turns them into status and resync frames)."""
@@ -45,17 +59,43 @@ class ConnectionLost(Exception):
 
 Connect = Callable[..., Awaitable[Any]]
 
-_FATAL_HINTS: dict[type[BaseException], str] = {
-    asyncpg.InvalidPasswordError: "authentication failed: check the user and password in the DSN (or dsn_file)",
-    asyncpg.InvalidAuthorizationSpecificationError: "the server refused this user: check the DSN and pg_hba.conf",
-    asyncpg.InvalidCatalogNameError: "the database does not exist: check the database name in the DSN",
-    asyncpg.ClientConfigurationError: "the DSN's options are invalid: check it (sslmode, sslrootcert, ...)",
-    ValueError: "the DSN is malformed: check it",
-}
+# Errors that say PostgreSQL is not there (yet): retried on the short probe interval, which costs it nothing.
+_UNREACHABLE = (OSError, TimeoutError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError)
+# Errors the listener expects from a database or a link in trouble; anything else is logged with its traceback.
+_EXPECTED = (ConnectionLost, OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+# Settings the LISTEN session needs whatever the database or role defaults say (docs/operations.md). Only those
+# this server knows are set (idle_session_timeout came with PostgreSQL 14, transaction_timeout with 17).
+_SESSION_SETTINGS = """
+SELECT count(set_config(name, value, false)) FROM (VALUES
+  ('idle_session_timeout', '0'), ('idle_in_transaction_session_timeout', '0'), ('transaction_timeout', '0'),
+  ('statement_timeout', $1::text)) AS wanted(name, value)
+WHERE name IN (SELECT name FROM pg_settings)
+"""
 
 
-def _hint(exc: BaseException) -> str | None:
-    return next((hint for kind, hint in _FATAL_HINTS.items() if isinstance(exc, kind)), None)
+def _hint(exc: BaseException, role: str, database: str) -> str | None:
+    """What to do about an error, for the errors a person can fix."""
+    message = str(exc)
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        if "database" in message:
+            return f"GRANT CONNECT ON DATABASE {database} TO {role}"
+        if "pg_notification_queue_usage" in message:
+            return f"GRANT EXECUTE ON FUNCTION pg_notification_queue_usage() TO {role}"
+        return f"the role {role} lacks a privilege the relay needs: see docs/security.md"
+    if isinstance(exc, asyncpg.ProgramLimitExceededError) and "NOTIFY queue" in message:
+        return ("PostgreSQL's NOTIFY queue is full: a session that LISTENs while holding a transaction open keeps "
+                "it from draining; find it in pg_stat_activity (state 'idle in transaction') and end it")
+    if isinstance(exc, asyncpg.TooManyConnectionsError):
+        return "PostgreSQL has no connection slot left: raise max_connections or the role's CONNECTION LIMIT"
+    hints: dict[type[BaseException], str] = {
+        asyncpg.InvalidPasswordError: "authentication failed: check the user and password in the DSN (or dsn_file)",
+        asyncpg.InvalidAuthorizationSpecificationError: "the server refused this user: check the DSN and pg_hba.conf",
+        asyncpg.InvalidCatalogNameError: "the database does not exist: check the database name in the DSN",
+        asyncpg.ClientConfigurationError: "the DSN's options are invalid: check it (sslmode, sslrootcert, ...)",
+        ValueError: "the DSN is malformed: check it",
+    }
+    return next((hint for kind, hint in hints.items() if isinstance(exc, kind)), None)
 
 
 class Listener:
@@ -84,50 +124,65 @@ class Listener:
         self._supervisor_wakeup: asyncio.Future[None] | None = None
         self._heartbeat_count = 0
         self._conn: Any = None
-        # One query at a time on the connection: LISTEN/UNLISTEN (connect, reload) and the heartbeat share it, and
-        # asyncpg refuses a second operation while one is in progress.
+        # One query at a time on the connection: LISTEN/UNLISTEN (connect, reload), the queue sample and the
+        # heartbeat share it, and asyncpg refuses a second operation while one is in progress.
         self._lock = asyncio.Lock()
         self._listened: set[str] = set()  # channels LISTENed on the current connection
         self._closing = False
         self._last_proof = time.time()  # the last moment we knew we were listening (heartbeat or notification)
+        self._tracebacks_logged: set[type[BaseException]] = set()
+        self._undecodable_logged_at = -math.inf
         self.up = False
         self.down_reason = "not connected yet"
         self.last_heartbeat: float | None = None  # time.time() of the last heartbeat that came back
+        self.connect_attempts = 0
+        # The NOTIFY queue, as last sampled (0-1; None before the first sample), when, and why it cannot be.
+        self.queue_usage: float | None = None
+        self.queue_sampled_at: float | None = None
+        self.queue_sample_error: str | None = None
 
     @property
     def channels(self) -> list[str]:
         return list(self._channels)
 
     async def run(self) -> None:
-        """Listen until cancelled, replacing the connection whenever it is lost."""
+        """Listen until cancelled, replacing the connection whenever it is lost; nothing the driver raises ends it."""
         reason = "listener_started"
+        failures = 0  # attempts in a row that did not give a connection which held for a heartbeat interval
+        error: BaseException | None = None
         try:
             while not self._closing:
-                conn = await self._connect_and_listen()
-                gap_end = time.time()  # LISTEN is in force from here on
+                if failures:
+                    await self._retry_wait(failures, error)
+                up_since: float | None = None
                 try:
-                    gap_start = self._last_proof  # only proofs while up count, so this is the old connection's
-                    # Prove the new session receives before telling anyone it is up (and make /readyz fresh).
-                    await self._heartbeat(conn)
-                    self._set_up(True, "")
-                    if reason == "listener_reconnected":
-                        self._metrics.listener_gap_seconds.observe(gap_end - gap_start)
-                    log.info("listener.up", channels=self._channels, reason=reason)
-                    self._observer.listener_up(list(self._channels), _utc(gap_start), _utc(gap_end), reason)
-                    await self._supervise(conn)
-                except (ConnectionLost, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                    if not self._closing:
-                        log.warning("listener.lost", error=str(exc) or type(exc).__name__)
-                        self.down_reason = f"LISTEN connection lost: {exc or type(exc).__name__}"
-                finally:
-                    conn.terminate()
-                    was_up = self.up
-                    self._set_up(False, self.down_reason)
-                    if was_up and not self._closing:
-                        self._metrics.listener_reconnects.inc()
-                        self._observer.listener_down()
-                    if was_up:
-                        reason = "listener_reconnected"
+                    conn = await self._connect_and_listen()
+                    gap_end = time.time()  # LISTEN is in force from here on
+                    try:
+                        gap_start = self._last_proof  # only proofs while up count, so this is the old connection's
+                        # Prove the new session receives before telling anyone it is up (and make /readyz fresh).
+                        await self._heartbeat(conn)
+                        up_since = time.monotonic()
+                        self._set_up(True, "")
+                        if reason == "listener_reconnected":
+                            self._metrics.listener_gap_seconds.observe(gap_end - gap_start)
+                        log.info("listener.up", channels=self._channels, reason=reason, attempts=failures + 1)
+                        self._observer.listener_up(list(self._channels), _utc(gap_start), _utc(gap_end), reason)
+                        await self._supervise(conn)
+                    finally:
+                        self._conn = None
+                        _terminate(conn)
+                        if self.up:
+                            self._set_up(False, "LISTEN connection lost")  # _note_failure says why
+                            reason = "listener_reconnected"
+                            if not self._closing:
+                                self._metrics.listener_reconnects.inc()
+                                self._observer.listener_down()
+                except Exception as exc:  # the task boundary: every error becomes a reconnect
+                    error = exc
+                    self._note_failure(exc, was_up=up_since is not None)
+                held = up_since is not None and time.monotonic() - up_since >= self.settings.heartbeat_interval_s
+                failures = 0 if held else failures + 1
         finally:
             self._set_up(False, "shutting down" if self._closing else self.down_reason)
 
@@ -138,8 +193,8 @@ class Listener:
         if conn is not None and not conn.is_closed():
             try:
                 await asyncio.wait_for(conn.close(), timeout=2)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                conn.terminate()
+            except Exception:  # shutting down: whatever went wrong, cut the link
+                _terminate(conn)
 
     async def set_channels(self, channels: Iterable[str]) -> None:
         """Adopt a new channel list (reload): LISTEN/UNLISTEN the difference now if connected (a failure forces a
@@ -151,9 +206,9 @@ class Listener:
         try:
             async with self._lock:
                 added, removed = await self._sync_listens(conn)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("listener.relisten_failed", error=str(exc))
-            conn.terminate()
+        except Exception as exc:  # the supervisor sees the terminated connection and reconnects
+            log.warning("listener.relisten_failed", error=str(exc) or type(exc).__name__)
+            _terminate(conn)
         else:
             log.info("listener.channels_changed", added=added, removed=removed)
 
@@ -178,59 +233,92 @@ class Listener:
         self.down_reason = reason
         self._metrics.listener_up.set(1 if up else 0)
 
-    async def _connect_and_listen(self) -> Any:
-        """Connect and LISTEN on every channel, retrying forever with exponential backoff and full jitter."""
+    async def _retry_wait(self, failures: int, error: BaseException | None) -> None:
+        """The one wait before every attempt after the first: see the module docstring."""
         settings = self.settings
-        retrying = AsyncRetrying(
-            wait=wait_random_exponential(multiplier=settings.reconnect_initial_s, max=settings.reconnect_max_s),
-            retry=retry_if_exception_type(
-                (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                 asyncpg.ClientConfigurationError)
-            ),
-            before_sleep=self._log_retry,
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                conn = await self._connect_fn(
-                    self._dsn or None,
-                    timeout=settings.connect_timeout_s,
-                    server_settings={"application_name": settings.application_name},
-                )
-                try:
-                    _enable_keepalive(conn, settings)
-                    self._conn = conn
-                    self._listened = set()
-                    conn.add_termination_listener(self._on_termination)
-                    async with asyncio.timeout(settings.connect_timeout_s), self._lock:
-                        await conn.add_listener(self._heartbeat_channel, self._on_notification)
-                        await self._sync_listens(conn)
-                except BaseException:
-                    self._conn = None
-                    conn.terminate()
-                    raise
-                return conn
-        raise AssertionError("unreachable: tenacity retries forever")  # pragma: no cover
+        ceiling = min(settings.reconnect_max_s, settings.reconnect_initial_s * 2 ** min(failures - 1, 60))
+        wait_s = random.uniform(ceiling / 2, ceiling)  # equal jitter: spread out, yet never a tight loop
+        if isinstance(error, _UNREACHABLE):
+            wait_s = min(wait_s, random.uniform(0.5, 1.0) * settings.probe_interval_s)
+        log.debug("listener.retry_wait", attempt=failures + 1, wait_s=round(wait_s, 3))
+        await asyncio.sleep(wait_s)
 
-    def _log_retry(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        wait_s = round(state.next_action.sleep, 3) if state.next_action else None
-        self._metrics.listener_connect_failures.inc()
-        self.down_reason = f"cannot connect and LISTEN: {exc or 'unknown error'}"
-        hint = _hint(exc) if exc else None
+    def _note_failure(self, exc: Exception, *, was_up: bool) -> None:
+        """Log an attempt or a connection that failed, once with its traceback if it was unexpected, and say why
+        in ``down_reason`` (for /readyz)."""
+        if self._closing:
+            return
+        error = str(exc) or type(exc).__name__
+        hint = _hint(exc, *self._role_and_database())
+        fields: dict[str, Any] = {"error": error, "error_type": type(exc).__name__}
         if hint:
-            log.error("listener.connect_failed", attempt=state.attempt_number, wait_s=wait_s, error=str(exc), fix=hint)
+            fields["fix"] = hint
+        if not isinstance(exc, _EXPECTED):
+            self._metrics.listener_unexpected_errors.inc()
+            first = type(exc) not in self._tracebacks_logged
+            self._tracebacks_logged.add(type(exc))
+            log.error("listener.unexpected_error", exc_info=exc if first else False, **fields)
+        elif was_up:
+            log.warning("listener.lost", **fields)
+        elif hint:
+            log.error("listener.connect_failed", attempt=self.connect_attempts, **fields)
         else:
-            log.warning("listener.reconnect_scheduled", attempt=state.attempt_number, wait_s=wait_s, error=str(exc))
+            log.warning("listener.reconnect_scheduled", attempt=self.connect_attempts, **fields)
+        if not was_up:
+            self._metrics.listener_connect_failures.inc()
+        what = "LISTEN connection lost" if was_up else "cannot connect and LISTEN"
+        self.down_reason = f"{what}: {error}" + (f" (fix: {hint})" if hint else "")
+
+    def _role_and_database(self) -> tuple[str, str]:
+        """The role and database the DSN names (libpq's defaults otherwise), for the fixes we suggest."""
+        parts = urlsplit(self._dsn) if "://" in self._dsn else None
+        fields = dict(re.findall(r"(\w+)\s*=\s*'?([^'\s]*)", self._dsn)) if parts is None else {}
+        role = (parts.username if parts else fields.get("user")) or os.environ.get("PGUSER") or "<role>"
+        database = (parts.path.lstrip("/") if parts else fields.get("dbname")) or os.environ.get("PGDATABASE")
+        return role, database or role
+
+    async def _connect_and_listen(self) -> Any:
+        """One attempt: connect, set the session up, sample the queue, LISTEN on every channel."""
+        settings = self.settings
+        self.connect_attempts += 1
+        self._metrics.listener_connect_attempts.inc()
+        conn = await self._connect_fn(
+            self._dsn or None,
+            timeout=settings.connect_timeout_s,
+            server_settings={"application_name": settings.application_name},
+        )
+        try:
+            _enable_keepalive(conn, settings)
+            sql_ascii = conn.get_settings().server_encoding == "SQL_ASCII"
+            if sql_ascii:
+                payload_guard.install(conn, self._on_undecodable)
+            self._conn = conn
+            self._listened = set()
+            conn.add_termination_listener(self._on_termination)
+            async with asyncio.timeout(settings.connect_timeout_s), self._lock:
+                if sql_ascii:
+                    # A SQL_ASCII server checks each payload against a UTF8 client's encoding, and a payload that
+                    # fails ends the session (FATAL); with a SQL_ASCII client it sends the bytes as they are, and
+                    # the guard drops those that are not UTF-8.
+                    await conn.execute("SET client_encoding = 'SQL_ASCII'")
+                statement_timeout_ms = int(1000 * max(settings.heartbeat_timeout_s, settings.connect_timeout_s))
+                await conn.fetchval(_SESSION_SETTINGS, str(statement_timeout_ms))
+                await self._sample_queue(conn)
+                await conn.add_listener(self._heartbeat_channel, self._on_notification)
+                await self._sync_listens(conn)
+        except BaseException:
+            self._conn = None
+            _terminate(conn)
+            raise
+        return conn
 
     async def _supervise(self, conn: Any) -> None:
         """Return never; raise ConnectionLost when the connection dies or a heartbeat fails."""
-        interval = self.settings.heartbeat_interval_s
         loop = asyncio.get_running_loop()
         while True:
             self._supervisor_wakeup = wakeup = loop.create_future()
             try:
-                async with asyncio.timeout(interval):
+                async with asyncio.timeout(self.settings.heartbeat_interval_s):
                     await wakeup
             except TimeoutError:
                 pass
@@ -240,7 +328,30 @@ class Listener:
                 self._supervisor_wakeup = None
             if conn.is_closed():
                 raise ConnectionLost("the connection was closed")
+            try:
+                async with asyncio.timeout(self.settings.heartbeat_timeout_s), self._lock:
+                    await self._sample_queue(conn)
+            except TimeoutError:
+                raise ConnectionLost("the NOTIFY queue sample did not answer in time") from None
             await self._heartbeat(conn)
+
+    async def _sample_queue(self, conn: Any) -> None:
+        """Sample pg_notification_queue_usage() on its own: a refusal (a revoked privilege) is logged with its fix
+        and leaves the listener alone. Hold the lock."""
+        try:
+            usage = float(await conn.fetchval("SELECT pg_notification_queue_usage()"))
+        except asyncpg.InsufficientPrivilegeError as exc:
+            problem = f"{exc} (fix: {_hint(exc, *self._role_and_database())})"
+            if problem != self.queue_sample_error:
+                log.error("listener.queue_sample_refused", error=str(exc), fix=_hint(exc, *self._role_and_database()))
+            self.queue_sample_error = problem
+            self.queue_usage = None
+            self._metrics.pg_notification_queue_usage.set(math.nan)
+            return
+        self.queue_sample_error = None
+        self.queue_usage, self.queue_sampled_at = usage, time.time()
+        self._metrics.pg_notification_queue_usage.set(usage)
+        self._metrics.pg_notification_queue_sampled.set(self.queue_sampled_at)
 
     async def _heartbeat(self, conn: Any) -> None:
         """NOTIFY ourselves on the private channel and wait for it: proves the session still receives."""
@@ -253,9 +364,8 @@ class Listener:
         try:
             async with asyncio.timeout(timeout):
                 async with self._lock:
-                    row = await conn.fetchrow(
-                        "SELECT pg_notify($1, $2), pg_notification_queue_usage()", self._heartbeat_channel, token
-                    )
+                    # The command, not pg_notify(): NOTIFY needs no privilege. The channel is ours, the token digits.
+                    await conn.execute(f"NOTIFY \"{self._heartbeat_channel}\", '{token}'")
                 await waiter
         except TimeoutError:
             raise ConnectionLost(f"heartbeat did not come back within {timeout:g}s") from None
@@ -266,7 +376,6 @@ class Listener:
         self._last_proof = self.last_heartbeat = time.time()
         self._metrics.heartbeat_seconds.observe(time.monotonic() - started)
         self._metrics.listener_last_heartbeat.set(self.last_heartbeat)
-        self._metrics.pg_notification_queue_usage.set(float(row[1]))
 
     def _on_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         if channel == self._heartbeat_channel:
@@ -277,6 +386,16 @@ class Listener:
         if self.up:  # while connecting, proofs would belong to the new connection and hide the gap
             self._last_proof = time.time()
         self._queue.put(channel, payload)
+
+    def _on_undecodable(self, channel: str, pid: int) -> None:
+        """A notification whose payload is not UTF-8 (SQL_ASCII databases): counted, logged (at most every 10 s),
+        dropped; the connection carries on."""
+        self._metrics.listener_undecodable_payloads.labels(channel).inc()
+        now = time.monotonic()
+        if now - self._undecodable_logged_at >= 10:
+            self._undecodable_logged_at = now
+            log.warning("listener.undecodable_payload", channel=channel, sender_pid=pid,
+                        fix="send UTF-8 payloads (the key as text); this database's encoding is SQL_ASCII")
 
     def _on_termination(self, conn: Any) -> None:
         # Wake the supervisor now rather than at the next heartbeat. asyncpg calls this soon after the fact, so a
@@ -292,6 +411,13 @@ class Listener:
 
 def _utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
+
+
+def _terminate(conn: Any) -> None:
+    try:
+        conn.terminate()
+    except Exception as exc:  # a connection beyond saving; nothing else to do with it
+        log.debug("listener.terminate_failed", error=str(exc))
 
 
 def _enable_keepalive(conn: Any, settings: ListenerConfig) -> None:
