@@ -7,6 +7,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import msgspec
@@ -371,5 +372,29 @@ async def test_a_database_restart_costs_the_queries_during_the_outage_only(own_d
         await asyncio.to_thread(own_database.server.start)
         back = await state.fetch(["a"])
         assert (back.error, back.rows) == (None, {"a": {"n": 1}})
+    finally:
+        await state_pool.close()
+
+
+async def test_a_reader_role_granted_only_the_named_columns_is_enough(
+    database: Database, conn: asyncpg.Connection, jobs: str
+) -> None:
+    """docs/state.md's grant (SELECT on the named columns only) runs the table form; a column outside it is reported."""
+    role = f"reader_{jobs}"
+    await conn.execute(f"CREATE ROLE {role} LOGIN")
+    await conn.execute(f"GRANT SELECT (id, status, done) ON {jobs} TO {role}")
+    parts = urlsplit(database.dsn)
+    dsn = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+    metrics = Metrics()
+    state_pool = StatePool(dsn, 1, metrics)
+    await state_pool.start()
+    try:
+        granted = ChannelState(channel({"table": jobs, "columns": ["status", "done"]}), state_pool, metrics)
+        assert await granted.check() is None
+        assert (await granted.fetch(["1"])).rows == {"1": {"status": "running", "done": 10}}
+        beyond = ChannelState(channel({"table": jobs, "columns": ["status", "message"]}), state_pool, metrics)
+        problem = await beyond.check()
+        assert problem is not None and "InsufficientPrivilegeError" in problem and jobs in problem
+        assert (await beyond.fetch(["1"])).error == "query_failed"
     finally:
         await state_pool.close()

@@ -257,18 +257,22 @@ class ChannelState:
     async def check(self) -> str | None:
         """None when the query can work, else a sentence naming the channel and PostgreSQL's reason.
 
-        PostgreSQL prepares the query (tables, columns, grants, a ``key`` column) without running it. A database
-        that cannot be reached says nothing about the query: that is None too (fetches report query_failed).
+        PostgreSQL prepares the query (tables, columns, a ``key`` column), then runs it on no keys (``list_query``
+        with ``LIMIT 0``), which checks the role's grants too. A database that cannot be reached says nothing about
+        the query: that is None too (fetches report query_failed meanwhile).
         """
         deadline = asyncio.get_running_loop().time() + max(self._timeout_s, 5.0)
-        statements = [("query", self.config.query or table_query(self.config, None))]
+        statements: list[tuple[str, str, str, list[Any]]] = [
+            ("query", self.config.query or table_query(self.config, None), "", [[]])
+        ]
         if self.config.list_query:
-            statements.append(("list_query", self.config.list_query))
-        for name, inner in statements:
+            statements.append(("list_query", self.config.list_query, " LIMIT 0", []))
+        for name, inner, limit, args in statements:
             try:
-                # The inner query shows the key column's type; the wrapped one proves there is a column "key".
+                # The inner query shows the key column's type; running the wrapped one proves there is a column
+                # "key" and that the role may read every column (grants are checked when a query runs).
                 columns = await self.pool.prepare_attributes(inner, deadline)
-                await self.pool.prepare_attributes(wrap_query(inner, self.config.max_row_bytes), deadline)
+                await self.pool.fetch(wrap_query(inner, self.config.max_row_bytes) + limit, args, deadline)
             except asyncpg.PostgresError as exc:
                 if isinstance(exc, _CONNECTION_ERRORS):
                     return None
