@@ -91,7 +91,10 @@ class Supervisor:
     async def metrics(self) -> dict[str, list[Any]]:
         status, body = await self.get("/metrics")
         assert status == 200
-        return {family.name: family.samples for family in text_string_to_metric_families(body.decode())}
+        families: dict[str, list[Any]] = {}
+        for family in text_string_to_metric_families(body.decode()):
+            families[family.name] = list(family.samples)
+        return families
 
     async def client(self, query: str = f"?channel={CHANNEL}") -> tuple[Client, dict[str, Any]]:
         client = Client(await connect(self.url + query, open_timeout=5))
@@ -163,7 +166,7 @@ async def test_two_workers_serve_one_port_and_one_scrape_covers_both(
 ) -> None:
     """Two workers share port 0's real port, both hold clients, each relays notifications from its own LISTEN,
     and one /metrics scrape and one /readyz answer cover both workers."""
-    supervisor = await start_supervisor()
+    supervisor: Supervisor = await start_supervisor()
     report = await supervisor.wait_ready()
     assert [worker["worker"] for worker in report["workers"]] == [0, 1]
     assert all(worker["ready"] for worker in report["workers"]) and report["listener"] == "up"
@@ -191,30 +194,37 @@ async def test_two_workers_serve_one_port_and_one_scrape_covers_both(
 async def test_a_killed_worker_is_restarted_and_its_clients_can_reconnect(start_supervisor: Any) -> None:
     """SIGKILL one worker: its clients are cut, /readyz is 503 until the supervisor has restarted it, and then
     reconnecting clients are served by both workers again."""
-    supervisor = await start_supervisor()
+    supervisor: Supervisor = await start_supervisor()
     report = await supervisor.wait_ready()
     victim = report["workers"][1]["pid"]
     clients = await clients_on_every_worker(supervisor)
     os.kill(victim, signal.SIGKILL)
-    cut = 0
-    for client, _ in clients:
+
+    async def statuses_until_replaced() -> list[int]:
+        seen: list[int] = []
+        async with asyncio.timeout(15):
+            while True:
+                with contextlib.suppress(OSError, TimeoutError):
+                    status, report = await supervisor.readyz()
+                    seen.append(status)
+                    if status == 200 and report["workers"][1]["pid"] != victim:
+                        return seen
+                await asyncio.sleep(0.02)
+
+    async def was_cut(client: Client) -> bool:
         try:
-            await client.recv(timeout=0.5)
+            await client.recv_type("never", timeout=1.0)  # skip the ack; a cut connection ends at once
         except ConnectionClosed:
-            cut += 1
+            return True
         except TimeoutError:
-            pass
-    assert 0 < cut < len(clients)  # the victim's clients, and only those
-    saw_not_ready = False
-    async with asyncio.timeout(15):
-        while True:
-            with contextlib.suppress(OSError, TimeoutError):
-                status, report = await supervisor.readyz()
-                saw_not_ready |= status == 503
-                if status == 200 and report["workers"][1]["pid"] != victim:
-                    break
-            await asyncio.sleep(0.05)
-    assert saw_not_ready
+            return False
+        raise AssertionError("unreachable")
+
+    replaced = asyncio.ensure_future(statuses_until_replaced())
+    cut = await asyncio.gather(*(was_cut(client) for client, _ in clients))
+    statuses = await replaced
+    assert 0 < sum(cut) < len(clients)  # the victim's clients, and only those
+    assert 503 in statuses  # not ready from the moment the supervisor reaped it until its successor was ready
     assert not alive(victim)
     again = await clients_on_every_worker(supervisor, count=8)
     assert len({welcome["instance"] for _, welcome in again}) == 2
@@ -224,7 +234,7 @@ async def test_a_killed_worker_is_restarted_and_its_clients_can_reconnect(start_
 
 async def test_readyz_is_503_while_one_worker_is_not_turning(start_supervisor: Any) -> None:
     """A worker whose event loop stops (SIGSTOP) makes /readyz 503 on the other, naming it; back to 200 after."""
-    supervisor = await start_supervisor()
+    supervisor: Supervisor = await start_supervisor()
     report = await supervisor.wait_ready()
     frozen = report["workers"][0]["pid"]
     os.kill(frozen, signal.SIGSTOP)
@@ -245,7 +255,7 @@ async def test_readyz_is_503_while_one_worker_is_not_turning(start_supervisor: A
 
 async def test_sigterm_stops_the_whole_tree_with_1001_to_every_client(start_supervisor: Any) -> None:
     """SIGTERM to the supervisor: every client of every worker gets 1001, it exits 0, and no worker is left."""
-    supervisor = await start_supervisor()
+    supervisor: Supervisor = await start_supervisor()
     report = await supervisor.wait_ready()
     pids = [worker["pid"] for worker in report["workers"]]
     clients = await clients_on_every_worker(supervisor)
@@ -268,7 +278,7 @@ async def test_ready_is_told_to_systemd_once_every_worker_is_ready_and_by_the_su
         notify.bind(path)
         notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         notify.setblocking(False)
-        supervisor = await start_supervisor(NOTIFY_SOCKET=path)
+        supervisor: Supervisor = await start_supervisor(NOTIFY_SOCKET=path)
         messages: list[tuple[int, str]] = []
         deadline = time.monotonic() + 15
         while not any("READY=1" in text for _, text in messages):
@@ -289,7 +299,7 @@ async def test_sighup_reaches_every_worker(start_supervisor: Any, tmp_path: Path
     """SIGHUP to the supervisor reloads every worker: a channel added to the file is offered by both."""
     config = tmp_path / "reload.toml"
     write_config(config, database.dsn, [CHANNEL])
-    supervisor = await start_supervisor(config)
+    supervisor: Supervisor = await start_supervisor(config)
     await supervisor.wait_ready()
     write_config(config, database.dsn, [CHANNEL, "added"])
     supervisor.process.send_signal(signal.SIGHUP)
@@ -300,7 +310,7 @@ async def test_sighup_reaches_every_worker(start_supervisor: Any, tmp_path: Path
 
 async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(start_supervisor: Any) -> None:
     """SIGKILL to the supervisor (nothing forwarded): its workers notice, shut down and leave nothing running."""
-    supervisor = await start_supervisor()
+    supervisor: Supervisor = await start_supervisor()
     report = await supervisor.wait_ready()
     pids = [worker["pid"] for worker in report["workers"]]
     supervisor.process.kill()
@@ -313,12 +323,14 @@ async def test_a_client_resumes_on_another_relay_process(
 ) -> None:
     """Two relay processes on one database (replicas): a client that saw a batch on A, missed one while away, and
     reconnects to B with since=ts gets the missed key replayed by B."""
-    first = await make_relay()
-    second = await make_relay()
+    # overlap_ms 0: B has listened since before TS itself, which is what it must prove (the default overlap of
+    # 1 s would reach back before B started, a history gap).
+    first = await make_relay(**{"history.overlap_ms": 0})
+    second = await make_relay(**{"history.overlap_ms": 0})
     client = await make_client(first, f"?channel={CHANNEL}&key=1&key=2")
     await database.notify(CHANNEL, "1")
     seen = await client.recv_type("notify")
-    await client.connection.close()
+    client.connection.transport.abort()  # the client drops (a lost network, a closed laptop)
     await database.notify(CHANNEL, "2")
     batches = "notifyrelay_batches_total"
     await wait_until(lambda: (second.metrics.registry.get_sample_value(batches, {"channel": CHANNEL}) or 0) >= 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import msgspec
 import pytest
@@ -89,17 +89,16 @@ def test_worker_reports_are_judged_for_freshness(tmp_path: Path) -> None:
 class FakeListener:
     """Just what Readiness reads of a listener: up, with a fresh heartbeat."""
 
-    up = True
-    down_reason = ""
-    queue_usage = None
-    queue_sampled_at = None
-    queue_sample_error = None
-    channels: ClassVar[list[str]] = ["a"]
-    settings = load_config(None, environ={}, overrides={"dsn": "postgresql://x@h/db",
-                                                        "channels": [{"name": "a"}]}).listener
-
     def __init__(self) -> None:
-        self.last_heartbeat = time.time()
+        self.up = True
+        self.down_reason = ""
+        self.last_heartbeat: float | None = time.time()
+        self.queue_usage: float | None = None
+        self.queue_sampled_at: float | None = None
+        self.queue_sample_error: str | None = None
+        self.channels = ["a"]
+        self.settings = load_config(None, environ={}, overrides={"dsn": "postgresql://x@h/db",
+                                                                 "channels": [{"name": "a"}]}).listener
 
 
 def test_a_worker_publishes_what_the_others_merge(tmp_path: Path) -> None:
