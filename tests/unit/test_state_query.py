@@ -67,7 +67,7 @@ def test_the_wrapper_renders_rows_as_json_and_survives_a_trailing_comment_and_se
     """The operator's query is wrapped with row_to_json and the size limit, whatever it ends with."""
     sql = wrap_query("SELECT id::text AS key FROM t WHERE id::text = ANY($1) -- the keys", 8192)
     assert "row_to_json(q)" in sql
-    assert "s.size <= 8192" in sql
+    assert "octet_length(j.row) <= 8192" in sql
     assert "-- the keys\n) AS q" in sql
     assert ";" not in wrap_query("SELECT 1 AS key;\n", 10)
 

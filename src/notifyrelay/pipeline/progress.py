@@ -27,7 +27,7 @@ MAX_KEYS = 100_000
 class _Track:
     """What the tracker remembers of one active key."""
 
-    fingerprint: bytes  # the row as JSON: a change of any column is a change
+    fingerprint: bytes | str  # the row as JSON: a change of any column is a change
     changed_at: float
     samples: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=RATE_SAMPLES))
     stalled: bool = False
@@ -71,16 +71,17 @@ class ProgressTracker:
         return self._stalled
 
     def observe(
-        self, key: str, row: Mapping[str, Any], now: float, *, fingerprint: bytes | None = None
+        self, key: str, row: Mapping[str, Any], now: float, *, fingerprint: bytes | str | None = None
     ) -> dict[str, Any]:
         """The progress object of ``key`` given its current ``row``; records the row for the rate and stalls.
 
         ``fingerprint`` is the row as JSON when the caller has it already (else it is encoded here).
         """
         config = self.config
-        done = _number(row.get(config.done)) if config.done else None
-        total = _number(row.get(config.total)) if config.total else None
+        raw_done = row.get(config.done) if config.done else None
+        raw_total = row.get(config.total) if config.total else None
         raw_status = row.get(config.status) if config.status else None
+        done, total = _number(raw_done), _number(raw_total)
         status = None if raw_status is None else str(raw_status)
         terminal = status in self._terminal
         fingerprint = msgspec.json.encode(row) if fingerprint is None else fingerprint
@@ -109,8 +110,8 @@ class ProgressTracker:
             if not terminal and rate is not None and rate > 0:
                 eta = round(max(total - done, 0.0) / rate, 1)
         progress = {
-            "done": row.get(config.done) if config.done else None,
-            "total": row.get(config.total) if config.total else None,
+            "done": raw_done,
+            "total": raw_total,
             "percent": percent,
             "rate_per_s": rate,
             "eta_s": eta,

@@ -110,12 +110,14 @@ def wrap_query(inner: str, max_row_bytes: int) -> str:
 
     PostgreSQL renders the row (``row_to_json``), so every type has its JSON form; a row over ``max_row_bytes``
     never crosses the wire. The newline keeps a trailing ``--`` comment in ``inner`` from eating the rest.
+    ``OFFSET 0`` keeps the planner from inlining the lateral row, which would render it once per use (2.5 times
+    slower for 500 rows).
     """
     inner = inner.strip().rstrip(";").rstrip()
     return (
-        f"SELECT s.key, CASE WHEN s.size <= {int(max_row_bytes)} THEN s.row END AS row, s.size"
-        f" FROM (SELECT q.key::text AS key, j.row, octet_length(j.row) AS size"
-        f" FROM ({inner}\n) AS q, LATERAL (SELECT row_to_json(q)::text AS row) AS j) AS s"
+        f"SELECT q.key::text AS key, CASE WHEN octet_length(j.row) <= {int(max_row_bytes)} THEN j.row END AS row,"
+        f" octet_length(j.row) AS size FROM ({inner}\n) AS q"
+        f" CROSS JOIN LATERAL (SELECT row_to_json(q)::text AS row OFFSET 0) AS j"
     )
 
 
@@ -451,7 +453,7 @@ class ChannelState:
             progress = {}
             for key, row in rows.items():
                 text = texts.get(key) if texts else None
-                progress[key] = self.progress.observe(key, row, now, fingerprint=text.encode() if text else None)
+                progress[key] = self.progress.observe(key, row, now, fingerprint=text)
             for key in gone:
                 self.progress.forget(key)
             self.metrics.stalled_keys.labels(self.channel).set(self.progress.stalled_count)
