@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -118,3 +119,27 @@ def test_batch_ts_is_the_wall_clock_in_milliseconds() -> None:
     first, second = window.add("a", None, 1.0), window.add("b", None, 2.0)
     assert first is not None and second is not None
     assert (first.ts, second.ts) == (1764504000123, 1764504001500)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ChannelWindow.flush forces ts = previous + 1: past 1,000 batches/s on a channel (window_ms = 0 under "
+    "load) ts runs ahead of the wall clock without bound, and a resume on another replica skips real changes",
+)
+def test_batch_ts_stays_near_the_wall_clock_at_3000_batches_a_second() -> None:
+    """With window_ms = 0 at 3,000 notifications a second, ts never runs ahead of the wall clock by more than the
+    default overlap_ms (1 s), the slack a resume on another replica relies on."""
+    start = 1_764_504_000.0
+    flushes = 0
+
+    def wall_clock() -> float:
+        return start + (flushes // 3) / 1000  # 3 flushes per wall-clock millisecond
+
+    window = ChannelWindow("c", window_s=0, leading_edge=True, with_payloads=False, wall_clock=wall_clock)
+    worst = 0
+    for _ in range(6000):  # two seconds of load
+        batch = window.add("k", None, 0.0)
+        assert batch is not None
+        worst = max(worst, batch.ts - int(wall_clock() * 1000))
+        flushes += 1
+    assert worst <= 1000
