@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -338,3 +340,23 @@ async def test_a_client_resumes_on_another_relay_process(
     replay = await moved.recv_type("notify")
     assert replay.get("replay") is True
     assert "2" in replay["keys"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_workers_drop_in_verifies_and_keeps_the_unit_hardened(tmp_path: Path) -> None:
+    """deploy/systemd/workers.conf on top of notifyrelay.service passes `systemd-analyze verify` and keeps the
+    exposure rating at 2.0 or lower, with KillMode=mixed so that only the supervisor gets systemd's SIGTERM."""
+    script = tmp_path / "notifyrelay"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    unit = tmp_path / "notifyrelay.service"
+    drop_in = (ROOT / "deploy/systemd/workers.conf").read_text()
+    assert "KillMode=mixed" in drop_in and "NOTIFYRELAY_SERVER__WORKERS=" in drop_in
+    base = (ROOT / "deploy/systemd/notifyrelay.service").read_text().replace("/usr/local/bin/notifyrelay", str(script))
+    unit.write_text(base + "\n" + drop_in)  # a drop-in is read as more lines of its unit
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and unit.name not in verify.stdout + verify.stderr, verify.stdout + verify.stderr
+    security = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=20", "--no-pager",
+                               str(unit)], capture_output=True, text=True, timeout=60)
+    rating = re.search(r"Overall exposure level for \S+: (\d+\.\d)", security.stdout)
+    assert rating and float(rating.group(1)) <= 2.0, security.stdout + security.stderr
