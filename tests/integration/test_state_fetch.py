@@ -102,6 +102,9 @@ async def test_keys_that_cannot_be_the_key_columns_text_are_gone_without_an_erro
     assert result.error is None
     assert result.rows == {"1": {"status": "running"}}
     assert result.gone == ["abc", "042", "99999999999999999999", "-0"]
+    nothing = await state.fetch(["abc", "x"])
+    assert (nothing.rows, nothing.gone, nothing.error) == ({}, ["abc", "x"], None)
+    assert sample(metrics, "state_queries_total", channel="jobs", outcome="ok") == 1  # no query for impossible keys
     # Without check() (the database was down at start), the first fetch learns the type itself.
     fresh = ChannelState(channel({"table": jobs, "columns": ["status"]}), state_pool, metrics)
     again = await fresh.fetch(["abc", "042", "1"])

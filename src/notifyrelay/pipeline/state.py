@@ -320,7 +320,7 @@ class ChannelState:
         valid = KEY_TYPES.get(self._key_type or "")
         asked = [key for key in keys if valid(key)] if valid else keys
         if not asked:
-            return self._result({}, keys, [], None)
+            return self._result({}, keys, [], None, queried=False)  # no key could have a row: nothing to ask
         records, error = await self._query(self._sql, [asked], deadline)
         if records is None:
             return StateResult({}, [], {} if self.progress else None, error)
@@ -443,9 +443,11 @@ class ChannelState:
         too_large: list[str],
         error: str | None,
         texts: dict[str, str] | None = None,
+        *,
+        queried: bool = True,
     ) -> StateResult:
         outcome = "too_large" if too_large else "ok"
-        if error is None:
+        if error is None and queried:
             self.metrics.state_queries.labels(self.channel, outcome).inc()
         progress: dict[str, dict[str, Any]] | None = None
         if self.progress is not None:
