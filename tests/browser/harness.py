@@ -82,7 +82,7 @@ class Activities:
         """Set columns of one activity (``done`` is objects_processed, ``total`` objects_to_process)."""
         names = {"done": "objects_processed", "total": "objects_to_process", "status": "status", "message": "message"}
         assignments = ", ".join(f"{names[name]} = ${n}" for n, name in enumerate(columns, start=2))
-        await self._run(f"UPDATE activities SET {assignments}, updated_at = now() WHERE id = $1::bigint",
+        await self._run(f"UPDATE activities SET {assignments}, updated_at = now() WHERE id::text = $1",
                         key, *columns.values())
 
 
@@ -126,11 +126,14 @@ async def restart_relay(make_relay: RelayFactory, relay: Relay, *, between: Call
     return await make_relay(**{**overrides, "server.listen": f"127.0.0.1:{port}"})
 
 
-class Control:
-    """An HTTP endpoint on 127.0.0.1 that runs named test actions: ``POST /NAME`` with a JSON object, JSON back."""
+Handler = Callable[[str, bytes], Awaitable[tuple[int, str, bytes]]]
 
-    def __init__(self, actions: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]) -> None:
-        self.actions = actions
+
+class TinyHTTP:
+    """An HTTP/1.1 server on 127.0.0.1 for tests: one ``handler(path, body) -> (status, content type, body)``."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
         self._server: asyncio.Server | None = None
 
     @property
@@ -138,7 +141,7 @@ class Control:
         assert self._server is not None
         return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
 
-    async def start(self) -> Control:
+    async def start(self) -> TinyHTTP:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return self
 
@@ -155,17 +158,29 @@ class Control:
                 name, _, value = line.partition(":")
                 headers[name.strip().lower()] = value.strip()
             body = await reader.readexactly(int(headers.get("content-length", "0")))
-            name = request_line.split()[1].strip("/")
-            try:
-                result = await self.actions[name](json.loads(body or b"{}"))
-                status, answer = "200 OK", {"ok": True, "result": result}
-            except Exception as exc:  # a failed action is the Node test's failure to report, not a crash here
-                status, answer = "500 Internal Server Error", {"ok": False, "error": f"{name}: {exc!r}"}
-            payload = json.dumps(answer).encode()
+            path = request_line.split()[1] if request_line.count(" ") >= 2 else "/"
+            status, content_type, payload = await self.handler(path, body)
             writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-                f"Connection: close\r\n\r\n".encode() + payload
+                f"HTTP/1.1 {status} -\r\nContent-Type: {content_type}\r\nContent-Length: {len(payload)}\r\n"
+                f"Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode() + payload
             )
             await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # the browser gave up on this connection; nothing to answer
         finally:
             writer.close()
+
+
+def control(actions: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]) -> TinyHTTP:
+    """The Node tests' control endpoint: ``POST /NAME`` with a JSON object runs action NAME, answers JSON."""
+
+    async def run(path: str, body: bytes) -> tuple[int, str, bytes]:
+        name = path.strip("/")
+        try:
+            answer = {"ok": True, "result": await actions[name](json.loads(body or b"{}"))}
+            status = 200
+        except Exception as exc:  # a failed action is the Node test's failure to report, not a crash here
+            answer, status = {"ok": False, "error": f"{name}: {exc!r}"}, 500
+        return status, "application/json", json.dumps(answer).encode()
+
+    return TinyHTTP(run)

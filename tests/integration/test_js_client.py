@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from notifyrelay.app import Relay
-from tests.browser.harness import Activities, Control, Gate, relay_overrides, restart_relay
+from tests.browser.harness import Activities, Gate, control, relay_overrides, restart_relay
 from tests.conftest import Database, RelayFactory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,14 +62,14 @@ async def test_node_client_tests_pass_against_a_live_relay(make_relay: RelayFact
     async def notify(args: dict[str, Any]) -> None:
         await own_database.notify(args["channel"], args["payload"])
 
-    control = await Control(
+    endpoint = await control(
         {"create": create, "update": update, "notify": notify, "gate": set_gate, "database": database,
          "restart": restart}
     ).start()
     env = {
         **os.environ,
         "NOTIFYRELAY_TEST_URL": f"ws://127.0.0.1:{gate.port}/ws",
-        "NOTIFYRELAY_TEST_CONTROL": control.url,
+        "NOTIFYRELAY_TEST_CONTROL": endpoint.url,
     }
     try:
         process = await asyncio.create_subprocess_exec(
@@ -89,5 +89,5 @@ async def test_node_client_tests_pass_against_a_live_relay(make_relay: RelayFact
         assert process.returncode == 0, text
         assert "# fail 0" in text and "# skipped 0" in text, text
     finally:
-        await control.close()
+        await endpoint.close()
         await gate.close()

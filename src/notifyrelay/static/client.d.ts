@@ -106,6 +106,7 @@ export interface Options {
   /** Called at once and then every pollIntervalMs while nothing is pushed; stops when the relay is live again. */
   poll?: (context: PollContext) => void | Promise<void>;
   pollIntervalMs?: number;
+  /** Reconnect waits are random in [0, min(reconnectMaxMs, reconnectInitialMs * 2^attempt)) (defaults 250, 4000). */
   reconnectInitialMs?: number;
   reconnectMaxMs?: number;
   connectTimeoutMs?: number;
@@ -123,8 +124,10 @@ export declare class RelayClient<Row = Record<string, unknown>> {
   /** `url`: the relay's /ws URL (ws:, wss:, http:, https:, or relative to the page); default "/ws". */
   constructor(url?: string, options?: Options);
   readonly urls: { ws: string; sse: string };
-  /** The resume position: the newest `ts` seen. */
+  /** The newest `ts` seen on any frame. */
   readonly since: number | null;
+  /** Per channel, the newest `ts` seen on it: where a reconnect resumes that channel (else from `since`). */
+  readonly positions: Record<string, number>;
   /** The relay process's id (from its welcome). */
   readonly instance: string | null;
   /** The channels the relay relays (from its welcome). */

@@ -20,7 +20,7 @@ const DEFAULTS = {
   poll: null, // ({reason, follows}) => void | Promise: called while nothing is pushed
   pollIntervalMs: 5000,
   reconnectInitialMs: 250,
-  reconnectMaxMs: 10000,
+  reconnectMaxMs: 4000, // a restarted relay has its pages back within 4 s, spread over those 4 s
   connectTimeoutMs: 10000,
   pingIntervalMs: 20000, // websocket only: an application ping proves a silent link alive
   pongTimeoutMs: 10000,
@@ -58,7 +58,8 @@ export class RelayClient {
   constructor(url, options = {}) {
     this.options = { ...DEFAULTS, ...options };
     this.urls = relayUrls(url);
-    this.since = null; // the resume position: the newest `ts` seen on any frame
+    this.since = null; // the newest `ts` seen on any frame
+    this.positions = {}; // channel -> the newest `ts` seen on that channel: where a reconnect resumes it
     this.instance = null; // the relay process's id, from its welcome
     this.channels = []; // the channels the relay relays, from its welcome
     this._follows = new Map(); // channel -> Set of keys ("*" for every key)
@@ -240,7 +241,8 @@ export class RelayClient {
       channels.forEach((channel) => query.append("channel", channel));
       const keys = signature.split("\u0000");
       if (!keys.includes("*")) keys.forEach((key) => query.append("key", key));
-      if (this.since !== null) query.set("since", String(this.since));
+      const since = resumeFrom(channels.map((channel) => this._position(channel)));
+      if (since !== null) query.set("since", String(since));
       if (token) query.set("token", token);
       const source = new Impl(`${this.urls.sse}?${query}`);
       link.sources.push(source);
@@ -317,7 +319,10 @@ export class RelayClient {
       this._emit("error", { code: "bad_frame", message: "the relay sent a frame that is not JSON" });
       return;
     }
-    if (typeof frame.ts === "number" && (this.since === null || frame.ts > this.since)) this.since = frame.ts;
+    if (typeof frame.ts === "number") {
+      if (this.since === null || frame.ts > this.since) this.since = frame.ts;
+      if (frame.channel && !(frame.ts <= this.positions[frame.channel])) this.positions[frame.channel] = frame.ts;
+    }
     this._emit("frame", frame);
     switch (frame.type) {
       case "welcome":
@@ -359,16 +364,19 @@ export class RelayClient {
     if (link.kind === "websocket") {
       for (const [channel, keys] of this._follows) {
         const subscribe = { op: "subscribe", channel, keys: [...keys], id: `follow:${channel}` };
-        if (this.since !== null) subscribe.since = this.since;
+        const since = this._position(channel);
+        if (since !== null) subscribe.since = since;
         this._send(subscribe);
       }
       this._startPing();
     }
     // Without a resume position the relay cannot tell what changed while we were away: a hint channel's page
     // refetches (a state channel gets a snapshot with the subscribe).
-    if (reconnected && this.since === null) {
+    if (reconnected) {
       for (const [channel, keys] of this._follows) {
-        if (!this._stateChannels.has(channel)) this._refetch(channel, [...keys], "reconnect");
+        if (this._position(channel) === null && !this._stateChannels.has(channel)) {
+          this._refetch(channel, [...keys], "reconnect");
+        }
       }
     }
     this._setStatus({ connection: "open", listener: frame.listener === "down" ? "down" : "up" });
@@ -482,6 +490,11 @@ export class RelayClient {
 
   // ---- status and polling ----
 
+  /** Where a channel resumes: its own newest `ts`, else the newest of any channel (it was live until then too). */
+  _position(channel) {
+    return this.positions[channel] ?? this.since;
+  }
+
   _setStatus(change) {
     const next = { ...this._status, ...change };
     next.polling = Boolean(this.options.poll) && this._shouldPoll(next);
@@ -544,6 +557,12 @@ export class RelayClient {
       this._timers[name] = null;
     }
   }
+}
+
+/** One `since` for an SSE stream of several channels: the oldest of their positions, so none misses a change. */
+function resumeFrom(positions) {
+  const known = positions.filter((position) => position !== null);
+  return known.length ? Math.min(...known) : null;
 }
 
 function normaliseKeys(keys) {
