@@ -104,7 +104,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .app import Relay, run_until_signalled
     from .ops.workers import is_worker, run_supervisor
 
     overrides: dict[str, Any] = {}
@@ -117,6 +116,8 @@ def _run(args: argparse.Namespace) -> int:
     log = structlog.get_logger("notifyrelay.cli")
     if config.server.workers > 1 and not is_worker():  # a supervisor of N workers (docs/scaling.md)
         return run_supervisor(config, args, overrides)
+    from .app import Relay, run_until_signalled  # here: a supervisor has no use for the relay's modules
+
     try:
         relay = Relay(config, config_path=args.config, overrides=overrides)
         asyncio.run(run_until_signalled(relay))
