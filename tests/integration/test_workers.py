@@ -360,3 +360,18 @@ def test_systemd_workers_drop_in_verifies_and_keeps_the_unit_hardened(tmp_path: 
                                str(unit)], capture_output=True, text=True, timeout=60)
     rating = re.search(r"Overall exposure level for \S+: (\d+\.\d)", security.stdout)
     assert rating and float(rating.group(1)) <= 2.0, security.stdout + security.stderr
+
+
+async def test_a_taken_port_stops_the_supervisor_with_status_1(tmp_path: Path, database: Database) -> None:
+    """A port held by a server without SO_REUSEPORT cannot be shared: the supervisor says so and exits 1."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        config = tmp_path / "taken.toml"
+        write_config(config, database.dsn, [CHANNEL])
+        config.write_text(config.read_text().replace("127.0.0.1:0", f"127.0.0.1:{taken.getsockname()[1]}"))
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "notifyrelay", "run", "--config", str(config), "--log-format",
+                             "json"], capture_output=True, text=True, timeout=30,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        )
+    assert result.returncode == 1, result.stderr
+    assert "supervisor.cannot_start" in result.stderr and "Address already in use" in result.stderr

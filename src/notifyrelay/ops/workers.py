@@ -33,6 +33,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from ..config import Config, load_config, parse_listen
+from ..exceptions import ConfigError
 from .sdnotify import SystemdNotifier
 from .worker_reports import (
     SUPERVISOR_METRICS,
@@ -284,7 +285,7 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 self._exit_status = self._exit_status or EXIT_ERROR
-            elif wait.result() != 0:
+            elif wait.result() not in (0, -signal.SIGTERM):  # -SIGTERM: stopped before its handlers were set
                 log.warning("supervisor.worker_unclean_exit", worker=index, exit_status=wait.result())
                 self._exit_status = self._exit_status or EXIT_ERROR
         if pending:
@@ -328,4 +329,13 @@ async def supervise(supervisor: Supervisor) -> int:
 
 def run_supervisor(config: Config, args: argparse.Namespace, overrides: Mapping[str, Any]) -> int:
     """``notifyrelay run`` with ``[server] workers`` > 1: the exit status of the whole tree."""
-    return asyncio.run(supervise(Supervisor(config, args, overrides=overrides)))
+    try:
+        return asyncio.run(supervise(Supervisor(config, args, overrides=overrides)))
+    except ConfigError:
+        raise
+    except OSError as exc:  # the port is taken, a worker cannot be started
+        log.error("supervisor.cannot_start", error=str(exc))
+        return EXIT_ERROR
+    except Exception as exc:  # the last boundary: say why before exiting non-zero (the workers are killed by now)
+        log.exception("supervisor.crashed", error=str(exc))
+        return EXIT_ERROR
