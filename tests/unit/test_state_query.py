@@ -105,3 +105,26 @@ async def test_watch_stalls_hands_each_channels_newly_stalled_keys_over_once() -
         task.cancel()
     assert seen == [("jobs", ["42"])]
     assert metrics.registry.get_sample_value("notifyrelay_stalled_keys", {"channel": "jobs"}) == 1
+
+
+def test_a_reload_keeps_the_state_of_unchanged_channels() -> None:
+    """channel_states with the running states keeps a channel whose settings did not change and rebuilds the others."""
+    from notifyrelay.config import ChannelConfig
+    from notifyrelay.ops.metrics import Metrics
+    from notifyrelay.pipeline.state import StatePool, channel_states
+
+    def channels(timeout_ms: int) -> list[ChannelConfig]:
+        return [
+            msgspec.convert({"name": "same", "state": {"table": "t", "columns": ["s"]}}, ChannelConfig),
+            msgspec.convert({"name": "changed", "state": {"table": "t", "columns": ["s"], "timeout_ms": timeout_ms}},
+                            ChannelConfig),
+        ]
+
+    metrics = Metrics()
+    pool = StatePool("", 1, metrics)
+    before = channel_states(channels(100), pool, metrics)
+    after = channel_states(channels(200), pool, metrics, previous=before)
+    assert after["same"] is before["same"]
+    assert after["changed"] is not before["changed"] and after["changed"].config.timeout_ms == 200
+    other_pool = StatePool("", 1, metrics)  # a new pool ([state] changed): everything is rebuilt on it
+    assert channel_states(channels(100), other_pool, metrics, previous=before)["same"] is not before["same"]

@@ -234,7 +234,7 @@ class ChannelState:
         self.metrics = metrics
         self.clock = clock
         self.progress = ProgressTracker(channel.progress) if channel.progress else None
-        self._progress_config = channel.progress
+        self.progress_config = channel.progress
         self._key_type: str | None = None  # the key column's type, once known (table form)
         self._typed = False  # whether it was looked up
         self._sql = self._build()
@@ -303,7 +303,7 @@ class ChannelState:
             self._sql = self._build()
 
     def _progress_columns(self) -> list[str]:
-        config = self._progress_config
+        config = self.progress_config
         return [column for column in (config.done, config.total, config.status) if column] if config else []
 
     async def fetch(self, keys: Sequence[str]) -> StateResult:
@@ -463,10 +463,30 @@ class ChannelState:
 
 
 def channel_states(
-    channels: Iterable[ChannelConfig], pool: StatePool, metrics: Metrics, *, clock: Callable[[], float] = time.monotonic
+    channels: Iterable[ChannelConfig],
+    pool: StatePool,
+    metrics: Metrics,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    previous: Mapping[str, ChannelState] | None = None,
 ) -> dict[str, ChannelState]:
-    """A ChannelState for each channel with ``[channels.state]``, by channel name."""
-    return {channel.name: ChannelState(channel, pool, metrics, clock=clock) for channel in channels if channel.state}
+    """A ChannelState for each channel with ``[channels.state]``, by channel name.
+
+    On a reload, pass the running ones as ``previous``: a channel whose state and progress settings did not change
+    keeps its ChannelState (its rates, stalls and learnt key type), so a reload costs clients nothing.
+    """
+    states: dict[str, ChannelState] = {}
+    for channel in channels:
+        if channel.state is None:
+            continue
+        kept = (previous or {}).get(channel.name)
+        if kept is not None and kept.pool is pool and (kept.config, kept.progress_config) == (
+            channel.state, channel.progress
+        ):
+            states[channel.name] = kept
+        else:
+            states[channel.name] = ChannelState(channel, pool, metrics, clock=clock)
+    return states
 
 
 async def watch_stalls(
