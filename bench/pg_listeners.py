@@ -3,7 +3,9 @@
 Every replica of the relay holds one LISTEN connection, so N replicas are N listening backends; PostgreSQL wakes each
 of them at every commit that NOTIFYs, and each reads the shared notification queue and writes every notification to
 its client. This scenario measures that cost with bare listening connections (no relay), side by side, in one run,
-for 0 (the reference), 1, 8, 32 and 64 listeners on one channel:
+for 0 (the reference), 1, 8, 32 and 64 listeners on the notified channel, and 64 listening on another channel of the
+same database (``64@other``: what every other application's NOTIFY traffic costs the relay's listeners, and the
+reverse):
 
 - round trip: a separate connection commits ``SELECT pg_notify(...)`` (one transaction each, 5 ms apart); the time
   from sending it to its arrival at the first listener and at the last one (all N), and the commit's own duration;
@@ -37,6 +39,7 @@ from typing import Any
 import benchlib as bl
 
 CHANNEL = "bench_listeners"
+OTHER_CHANNEL = "bench_elsewhere"  # listened on by the "N@other" columns, never notified
 PAYLOAD_BYTES = 5  # "L0001" (round trip) and "T0000" (throughput): one size, so bytes count messages
 # NotificationResponse: 'A', int32 length, int32 sender pid, channel\0, payload\0.
 MESSAGE_BYTES = 1 + 4 + 4 + len(CHANNEL) + 1 + PAYLOAD_BYTES + 1
@@ -74,24 +77,24 @@ def _read_until_ready(sock: socket.socket) -> tuple[int, bytes]:
                 return pid, buffer
 
 
-def open_listener(port: int) -> tuple[socket.socket, int]:
-    """A connection that has run LISTEN on CHANNEL; the socket and its backend's pid."""
+def open_listener(port: int, channel: str) -> tuple[socket.socket, int]:
+    """A connection that has run LISTEN on ``channel``; the socket and its backend's pid."""
     sock = socket.create_connection(("127.0.0.1", port))
     params = b"user\0postgres\0database\0postgres\0application_name\0bench_listener\0\0"
     body = struct.pack("!i", 196608) + params
     sock.sendall(struct.pack("!i", len(body) + 4) + body)
     pid, _ = _read_until_ready(sock)
-    sock.sendall(_message(b"Q", f"LISTEN {CHANNEL}\0".encode()))
+    sock.sendall(_message(b"Q", f"LISTEN {channel}\0".encode()))
     _read_until_ready(sock)
     return sock, pid
 
 
-def listener_process(port: int, count: int, conn: Any) -> None:
+def listener_process(port: int, count: int, channel: str, conn: Any) -> None:
     """Hold ``count`` listening connections; answer the orchestrator's commands over ``conn``.
 
     Commands: ``("parse",)`` record each message's arrival per payload (round trip phase), ``("count",)`` only count
     bytes from now (throughput phase), ``("stats",)`` what was seen, ``("stop",)``."""
-    sockets = [open_listener(port) for _ in range(count)]
+    sockets = [open_listener(port, channel) for _ in range(count)]
     conn.send(("ready", [pid for _, pid in sockets]))
     selector = selectors.EpollSelector()
     for sock, _ in sockets:
@@ -195,22 +198,29 @@ def run_pgbench(bin_dir: Path, port: int, clients: int, seconds: int) -> dict[st
             "latency_avg_ms": number(r"latency average = ([\d.]+) ms")}
 
 
-def measure(listeners: int, server: Any, bin_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """One column of the table: round trips and commit throughput with ``listeners`` listening connections."""
+def measure(spec: str, server: Any, bin_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One column of the table: round trips and commit throughput with ``spec`` listening connections ("8": on the
+    notified channel; "8@other": on another one)."""
     import psutil
+
+    count, _, where = spec.partition("@")
+    listeners = int(count)
+    elsewhere = bool(where)
 
     context = mp.get_context("spawn")
     ours, theirs = context.Pipe()
-    process = context.Process(target=listener_process, args=(server.port, listeners, theirs), daemon=True)
+    process = context.Process(target=listener_process, daemon=True,
+                              args=(server.port, listeners, OTHER_CHANNEL if elsewhere else CHANNEL, theirs))
     process.start()
     try:
         if not ours.poll(60):
             raise RuntimeError("the listener process did not start")
         _, pids = ours.recv()
-        column: dict[str, Any] = {"listeners": listeners}
+        column: dict[str, Any] = {"listeners": spec}
+        receiving = 0 if elsewhere else listeners
         # Round trips (with no listener, only the commit is measured).
         sent = asyncio.run(round_trips(server.dsn, args.samples))
-        wait_until = time.monotonic() + 10
+        wait_until = time.monotonic() + (10 if receiving else 0)
         arrivals: dict[str, list[float]] = {}
         while True:
             ours.send(("stats",))
@@ -219,12 +229,12 @@ def measure(listeners: int, server: Any, bin_dir: Path, args: argparse.Namespace
                 known = arrivals.setdefault(payload, [seen[0], seen[1], 0])
                 known[0], known[1] = min(known[0], seen[0]), max(known[1], seen[1])
                 known[2] += seen[2]
-            complete = all(arrivals.get(p, [0, 0, 0])[2] >= listeners for p in sent)
+            complete = all(arrivals.get(p, [0, 0, 0])[2] >= receiving for p in sent)
             if complete or time.monotonic() > wait_until:
                 break
             time.sleep(0.05)
         column["commit_ms"] = bl.summary_ms(done - start for start, done in sent.values())
-        if listeners:
+        if receiving:
             column["to_first_listener_ms"] = bl.summary_ms(arrivals[p][0] - s for p, (s, _) in sent.items()
                                                            if p in arrivals)
             column["to_last_listener_ms"] = bl.summary_ms(arrivals[p][1] - s for p, (s, _) in sent.items()
@@ -235,17 +245,20 @@ def measure(listeners: int, server: Any, bin_dir: Path, args: argparse.Namespace
         client_before = sum(client.cpu_times()[:2])
         cpu_before = postgres_cpu(server.pgdata)
         bench = run_pgbench(bin_dir, server.port, args.clients, args.seconds)
-        cpu_after = postgres_cpu(server.pgdata)
         stopped = time.monotonic()
-        expected = int(bench["transactions"]) * listeners
+        expected = int(bench["transactions"]) * receiving
         received = 0
-        while listeners:
+        while receiving:
             ours.send(("stats",))
             _, received, _ = ours.recv()
             if received >= expected or time.monotonic() - stopped > 60:
                 break
             time.sleep(0.02)
         drained_s = time.monotonic() - stopped
+        # pgbench's backends exit after it does: let the postmaster reap them (their CPU then counts in its
+        # children's times; a zombie's would be lost), and the listeners' CPU includes what they drained.
+        time.sleep(0.3)
+        cpu_after = postgres_cpu(server.pgdata)
         client_cpu = sum(client.cpu_times()[:2]) - client_before
         listener_cpu = sum(cpu_after[1].get(pid, 0.0) - cpu_before[1].get(pid, 0.0) for pid in pids)
         pg_cpu = cpu_after[0] - cpu_before[0]
@@ -257,10 +270,13 @@ def measure(listeners: int, server: Any, bin_dir: Path, args: argparse.Namespace
             "postgres_cpu_us_per_commit": round(pg_cpu / commits * 1e6, 1),
             "listener_backends_cpu_s": round(listener_cpu, 2),
             "listener_backend_cpu_us_per_delivery": round(listener_cpu / expected * 1e6, 2) if expected else None,
-            "deliveries_per_s": round(expected / args.seconds) if listeners else 0,
-            "delivered": received if listeners else None,
+            # Per notification committed, what each listening backend spent (also when it delivers nothing).
+            "listener_backend_cpu_us_per_commit_each": (
+                round(listener_cpu / commits / listeners * 1e6, 2) if listeners else None),
+            "deliveries_per_s": round(expected / args.seconds) if receiving else 0,
+            "delivered": received if receiving else None,
             "expected": expected,
-            "drained_after_pgbench_s": round(drained_s, 2) if listeners else None,
+            "drained_after_pgbench_s": round(drained_s, 2) if receiving else None,
             "listener_client_cpu_s": round(client_cpu, 2),
         })
         return column
@@ -275,13 +291,14 @@ def measure(listeners: int, server: Any, bin_dir: Path, args: argparse.Namespace
 def body(args: argparse.Namespace, result: dict[str, Any]) -> None:
     from notifyrelay.pgembed import EmbeddedPostgres, _bin_dir
 
-    counts = [int(n) for n in args.listeners.split(",")]
+    counts = args.listeners.split(",")
     if args.quick:
         args.seconds, args.samples = min(args.seconds, 2), min(args.samples, 50)
     result["settings"] = {"listeners": counts, "pgbench_clients": args.clients, "pgbench_seconds": args.seconds,
                           "round_trip_samples": args.samples, "payload_bytes": PAYLOAD_BYTES,
                           "postgres": "embedded, fsync=off, synchronous_commit=off"}
-    with EmbeddedPostgres(max_connections=max(counts) + args.clients + 20) as server:
+    most = max(int(spec.partition("@")[0]) for spec in counts)
+    with EmbeddedPostgres(max_connections=most + args.clients + 20) as server:
         columns = [measure(n, server, _bin_dir(), args) for n in counts]
     result["columns"] = columns
     base = columns[0]["pgbench_tps"]
@@ -294,7 +311,8 @@ def body(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--listeners", default="0,1,8,32,64", help="listening connections per column")
+    parser.add_argument("--listeners", default="0,1,8,32,64,64@other",
+                        help="listening connections per column; N@other: listening on a channel nobody notifies")
     parser.add_argument("--clients", type=int, default=4, help="pgbench clients")
     parser.add_argument("--seconds", type=int, default=5, help="pgbench duration per column")
     parser.add_argument("--samples", type=int, default=200, help="round trips per column")
