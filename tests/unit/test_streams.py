@@ -563,6 +563,34 @@ async def test_overflow_resyncs_a_hint_channel_and_snapshots_a_state_channel(run
     assert relay.pipeline.streams["h"].history.changed_since(int(GAP_END.timestamp() * 1000) - 1, bool) is None
 
 
+
+# Reloads.
+
+
+async def test_a_reload_starts_new_streams_and_lets_removed_ones_finish(running: list[Relay]) -> None:
+    """A channel added by a reload gets a running stream; a removed one delivers what it holds, then stops."""
+    relay = start(running, Relay(hint=("h",)))
+    session = relay.connect(("h", ["*"]), ("new", ["*"]))
+    await asyncio.sleep(0)
+    old = relay.pipeline.streams["h"]
+    old.put(batch("h", 1, "a"))  # queued before the reload removes the channel
+    relay.pipeline.set_channels([ChannelConfig(name="new")], {})
+    assert set(relay.pipeline.streams) == {"new"} and relay.pipeline.stateful() == set()
+    relay.pipeline.publish(batch("new", 1, "b"))
+    relay.pipeline.publish(batch("h", 2, "c"))  # no stream any more: dropped
+    await relay.settle()
+    await old.idle()
+    assert [(frame["channel"], frame["keys"]) for _, frame in relay.delivery.to(session)] == [
+        ("h", ["a"]), ("new", ["b"])]
+
+
+async def test_stateful_names_the_channels_with_a_state_source() -> None:
+    """stateful() is the set of channels whose catch-ups are refetches; a reload can add and drop them."""
+    relay = Relay(hint=("h",), state={"s": State()})
+    assert relay.pipeline.stateful() == {"s"}
+    relay.pipeline.set_channels([ChannelConfig(name="h"), ChannelConfig(name="s")], {"h": State()})
+    assert relay.pipeline.stateful() == {"h"}
+
 @pytest.mark.xfail(strict=True, reason="streams._refresh: a '*' follower of a state channel without list_query "
                    "gets no snapshot and no resync after a gap")
 async def test_a_gap_on_a_state_channel_without_list_query_still_tells_wildcard_followers(
