@@ -132,6 +132,7 @@ class Listener:
         self._last_proof = time.time()  # the last moment we knew we were listening (heartbeat or notification)
         self._tracebacks_logged: set[type[BaseException]] = set()
         self._undecodable_logged_at = -math.inf
+        self._last_logged_error, self._last_logged_at, self._unlogged = "", -math.inf, 0
         self.up = False
         self.down_reason = "not connected yet"
         self.last_heartbeat: float | None = None  # time.time() of the last heartbeat that came back
@@ -149,12 +150,10 @@ class Listener:
         """Listen until cancelled, replacing the connection whenever it is lost; nothing the driver raises ends it."""
         reason = "listener_started"
         failures = 0  # attempts in a row that did not give a connection which held for a heartbeat interval
-        error: BaseException | None = None
         try:
             while not self._closing:
-                if failures:
-                    await self._retry_wait(failures, error)
                 up_since: float | None = None
+                error: Exception | None = None
                 try:
                     conn = await self._connect_and_listen()
                     gap_end = time.time()  # LISTEN is in force from here on
@@ -180,9 +179,15 @@ class Listener:
                                 self._observer.listener_down()
                 except Exception as exc:  # the task boundary: every error becomes a reconnect
                     error = exc
-                    self._note_failure(exc, was_up=up_since is not None)
+                # Every path back to connecting goes through here: a connection that held for a heartbeat
+                # interval is replaced at once, anything else waits (see the module docstring).
                 held = up_since is not None and time.monotonic() - up_since >= self.settings.heartbeat_interval_s
                 failures = 0 if held else failures + 1
+                wait_s = self._retry_wait_s(failures, error, was_up=up_since is not None)
+                if error is not None and not self._closing:
+                    self._note_failure(error, was_up=up_since is not None, wait_s=wait_s)
+                if wait_s:
+                    await asyncio.sleep(wait_s)
         finally:
             self._set_up(False, "shutting down" if self._closing else self.down_reason)
 
@@ -233,26 +238,34 @@ class Listener:
         self.down_reason = reason
         self._metrics.listener_up.set(1 if up else 0)
 
-    async def _retry_wait(self, failures: int, error: BaseException | None) -> None:
-        """The one wait before every attempt after the first: see the module docstring."""
+    def _retry_wait_s(self, failures: int, error: BaseException | None, *, was_up: bool) -> float:
+        """How long to wait before the next attempt: 0 after a connection that held, at most the probe interval
+        after any other loss of a connection that was up or while PostgreSQL is down, else exponential backoff
+        with equal jitter (spread out, yet never a tight loop)."""
+        if not failures:
+            return 0.0
         settings = self.settings
         ceiling = min(settings.reconnect_max_s, settings.reconnect_initial_s * 2 ** min(failures - 1, 60))
-        wait_s = random.uniform(ceiling / 2, ceiling)  # equal jitter: spread out, yet never a tight loop
-        if isinstance(error, _UNREACHABLE):
+        wait_s = random.uniform(ceiling / 2, ceiling)
+        # A connection that was up and is lost says little about the next attempt (the database may be restarting,
+        # and a backoff grown by an earlier outage must not delay its return); that attempt's own error decides.
+        if was_up or isinstance(error, _UNREACHABLE):
             wait_s = min(wait_s, random.uniform(0.5, 1.0) * settings.probe_interval_s)
-        log.debug("listener.retry_wait", attempt=failures + 1, wait_s=round(wait_s, 3))
-        await asyncio.sleep(wait_s)
+        return wait_s
 
-    def _note_failure(self, exc: Exception, *, was_up: bool) -> None:
-        """Log an attempt or a connection that failed, once with its traceback if it was unexpected, and say why
-        in ``down_reason`` (for /readyz)."""
-        if self._closing:
-            return
+    def _note_failure(self, exc: Exception, *, was_up: bool, wait_s: float) -> None:
+        """Log a failed attempt or a lost connection (an unexpected error once with its traceback; the same
+        'PostgreSQL is down' error at most every 30 s) and say why in ``down_reason``, for /readyz."""
         error = str(exc) or type(exc).__name__
         hint = _hint(exc, *self._role_and_database())
-        fields: dict[str, Any] = {"error": error, "error_type": type(exc).__name__}
+        fields: dict[str, Any] = {"attempt": self.connect_attempts, "wait_s": round(wait_s, 3), "error": error,
+                                  "error_type": type(exc).__name__}
         if hint:
             fields["fix"] = hint
+        what = "LISTEN connection lost" if was_up else "cannot connect and LISTEN"
+        self.down_reason = f"{what}: {error}" + (f" (fix: {hint})" if hint else "")
+        if not was_up:
+            self._metrics.listener_connect_failures.inc()
         if not isinstance(exc, _EXPECTED):
             self._metrics.listener_unexpected_errors.inc()
             first = type(exc) not in self._tracebacks_logged
@@ -261,13 +274,17 @@ class Listener:
         elif was_up:
             log.warning("listener.lost", **fields)
         elif hint:
-            log.error("listener.connect_failed", attempt=self.connect_attempts, **fields)
+            log.error("listener.connect_failed", **fields)
         else:
-            log.warning("listener.reconnect_scheduled", attempt=self.connect_attempts, **fields)
-        if not was_up:
-            self._metrics.listener_connect_failures.inc()
-        what = "LISTEN connection lost" if was_up else "cannot connect and LISTEN"
-        self.down_reason = f"{what}: {error}" + (f" (fix: {hint})" if hint else "")
+            # While PostgreSQL is down the probe fails every half second: one line per change or per 30 s.
+            now = time.monotonic()
+            if error == self._last_logged_error and now - self._last_logged_at < 30:
+                self._unlogged += 1
+                return
+            if self._unlogged:
+                fields["repeated"] = self._unlogged
+            self._last_logged_error, self._last_logged_at, self._unlogged = error, now, 0
+            log.warning("listener.reconnect_scheduled", **fields)
 
     def _role_and_database(self) -> tuple[str, str]:
         """The role and database the DSN names (libpq's defaults otherwise), for the fixes we suggest."""
