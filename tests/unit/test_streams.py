@@ -775,7 +775,7 @@ def test_rows_never_go_backwards_and_every_client_ends_up_current(program: list[
 @given(programs(KEYS))
 @example([("batch", 0, ("a", "b")), ("batch", 0, ("a", "d")), ("stall", 1, ()), ("subscribe", 1, ("a",))])
 def test_rows_stay_current_for_clients_that_lag(program: list[Step]) -> None:
-    """The same, with max_pending_keys so small that slow clients lag past it."""
+    """Rows never go backwards and every client ends current even when slow clients lag past max_pending_keys."""
     relay, _, clients, changed = asyncio.run(play(program, max_pending_keys=2))
     check_never_backwards_and_current(relay, clients, changed)
 
@@ -786,6 +786,6 @@ def test_rows_stay_current_for_clients_that_lag(program: list[Step]) -> None:
 @given(programs(KEYS + "*"))
 @example([("subscribe", 1, ("a",))])
 def test_rows_never_go_backwards_with_wildcard_followers(program: list[Step]) -> None:
-    """The same, with "*" followers served by list_query."""
+    """Rows never go backwards and every client ends current with "*" followers served by list_query too."""
     relay, _, clients, changed = asyncio.run(play(program, wildcard=True))
     check_never_backwards_and_current(relay, clients, changed)
