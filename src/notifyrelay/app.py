@@ -173,7 +173,7 @@ RESTART_ONLY: dict[str, tuple[str, ...] | None] = {
     "log": ("format",),
     "listener": ("queue_size",),
     "server": ("listen", "tls_cert_file", "tls_key_file", "max_message_bytes", "compression",
-               "write_high_water_bytes", "ping_interval_s", "ping_timeout_s", "handshake_timeout_s"),
+               "write_high_water_bytes", "ping_interval_s", "ping_timeout_s", "handshake_timeout_s", "workers"),
 }
 
 
