@@ -26,7 +26,6 @@ import h11
 import msgspec
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
-from websockets.http11 import Request
 
 from ..auth import Authenticator
 from ..config import Config, is_loopback, parse_listen
@@ -257,7 +256,10 @@ class HttpConnection(asyncio.Protocol):
             wanted = parse_query(query, max_key_bytes=server.config.server.max_key_bytes)
         except ProtocolError as exc:  # answered after the welcome: the connection stays open
             error = exc
-        ws, response, opened = handshake(Request(target, headers), server.config.server, admission.subprotocol)
+        head = b"GET %s HTTP/1.1\r\n%s\r\n" % (
+            request.target, b"".join(b"%s: %s\r\n" % (name, value) for name, value in request.headers.raw_items())
+        )
+        ws, response, opened = handshake(head, server.config.server, admission.subprotocol)
         assert self.transport is not None
         self.transport.write(response)
         if not opened:

@@ -45,9 +45,11 @@ CLOSE_GRACE_S = 2.0
 
 
 def handshake(
-    request: Request, settings: ServerConfig, subprotocol: str | None
+    request_head: bytes, settings: ServerConfig, subprotocol: str | None
 ) -> tuple[ServerProtocol, bytes, bool]:
-    """Run the opening handshake on an upgrade request: the protocol, the bytes to write, and whether it opened."""
+    """Run the opening handshake on an upgrade request's head (as h11 parsed it, serialised again): the protocol,
+    the bytes to write, and whether it opened. The protocol parses the head itself, so that its parser moves on to
+    frames exactly as it would on a connection it had accepted."""
     ws = ServerProtocol(
         select_subprotocol=lambda _, offered: (
             Subprotocol(subprotocol) if subprotocol is not None and subprotocol in offered else None
@@ -56,6 +58,10 @@ def handshake(
         max_size=settings.max_message_bytes,
         logger=_quiet,
     )
+    ws.receive_data(request_head)
+    request = next((event for event in ws.events_received() if isinstance(event, Request)), None)
+    if request is None:  # h11 accepted what websockets does not: answer as websockets would
+        return ws, b"".join(ws.data_to_send()), False
     response = ws.accept(request)
     ws.send_response(response)
     return ws, b"".join(ws.data_to_send()), response.status_code == 101
