@@ -208,7 +208,7 @@ class _Bars:
             TextColumn("{task.fields[counts]}", justify="right"),
             TextColumn("{task.fields[percent]}", justify="right"),
             TextColumn("{task.fields[rate]}", justify="right"),
-            TextColumn("eta {task.fields[eta]}"),
+            TextColumn("{task.fields[eta]}"),
             TextColumn("{task.fields[message]}"),
             console=self.console,
         )
@@ -265,7 +265,7 @@ class _Bars:
         status = _status(state)
         if progress is None:
             changes = f"{state.changes} change{'s' * (state.changes != 1)}"
-            return {"key": key, "status": status, "counts": changes, "percent": "", "rate": "", "eta": "-",
+            return {"key": key, "status": status, "counts": changes, "percent": "", "rate": "", "eta": "",
                     "message": _message(state) or state.state_error or "", "tone": None}
         tone = "red" if progress.failed else "yellow" if progress.stalled else None
         if progress.stalled:
@@ -276,7 +276,7 @@ class _Bars:
             status = f"[green]{status}[/]"
         return {
             "key": key, "status": status, "counts": f"{_number(progress.done)}/{_number(progress.total)}",
-            "percent": _percent(progress), "rate": _rate(progress), "eta": _duration(progress.eta_s),
+            "percent": _percent(progress), "rate": _rate(progress), "eta": f"eta {_duration(progress.eta_s)}",
             "message": _message(state), "tone": tone,
         }
 
