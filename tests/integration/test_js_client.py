@@ -33,6 +33,8 @@ async def test_node_client_tests_pass_against_a_live_relay(make_relay: RelayFact
     overrides = relay_overrides()
     relay: Relay = await make_relay(dsn=own_database.dsn, **overrides)
     gate = await Gate(relay.server.port).start()
+    # A relay replays a resume only from overlap_ms (1 s) after it began listening: give the resume test that much.
+    await asyncio.sleep(1.2)
 
     async def restart(args: dict[str, Any]) -> None:
         nonlocal relay

@@ -37,14 +37,24 @@ function until(client, predicate, what, ms = 10000) {
       }
     };
     const timer = setInterval(check, 20);
-    const timeout = setTimeout(() => done(new Error(`not within ${ms} ms: ${what}; status ${JSON.stringify(client.status)}`)), ms);
+    const timeout = setTimeout(() => {
+      const recent = JSON.stringify((framesOf.get(client) ?? []).slice(-6));
+      done(new Error(`not within ${ms} ms: ${what}; status ${JSON.stringify(client.status)}; last frames ${recent}`));
+    }, ms);
     for (const type of ["change", "status", "frame"]) offs.push(client.on(type, check));
     check();
   });
 }
 
+const framesOf = new WeakMap(); // client -> the frames it received, for the failure messages
+
 function connect(extra = {}) {
-  return new RelayClient(URL, { reconnectInitialMs: 50, reconnectMaxMs: 500, ...extra });
+  // connectTimeoutMs: Node's WebSocket may never report a connection the gate resets during the handshake
+  const client = new RelayClient(URL, { reconnectInitialMs: 50, reconnectMaxMs: 500, connectTimeoutMs: 1000, ...extra });
+  const frames = [];
+  framesOf.set(client, frames);
+  client.on("frame", (frame) => frames.push(frame));
+  return client;
 }
 
 test("subscribes to a key: its row and progress arrive, and an update is applied to the local state", options, async () => {

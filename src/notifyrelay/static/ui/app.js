@@ -72,6 +72,7 @@ function showStatus(status) {
 function chooseChannel() {
   const choices = client.channels.filter((name) => name !== STABILITY);
   const select = $("channel");
+  $("subtitle").hidden = false;
   if (select.options.length !== choices.length) {
     select.replaceChildren(...choices.map((name) => new Option(name, name)));
   }
@@ -85,18 +86,34 @@ async function pollReadiness({ reason }) {
   const text = $("polling-reason");
   const at = new Date().toLocaleTimeString();
   if (reason === "unreachable") {
-    text.textContent = `The relay cannot be reached; reconnecting with backoff. Checked ${at}.`;
+    // This page came from the relay: if its HTTP answers while the websocket does not, it refuses us (a token?).
+    const alive = await probe("/healthz");
+    text.textContent = alive
+      ? `The relay answers but refuses the live connection (auth mode jwt needs a token). Retrying; checked ${at}.`
+      : `The relay cannot be reached; reconnecting with backoff. Checked ${at}.`;
     return;
   }
   // Connected, but the relay is not listening to PostgreSQL: /readyz says why (404 when probes are on [admin]).
-  let why = "";
-  try {
-    const answer = await fetch(new URL("/readyz", location), { cache: "no-store" });
-    if (answer.status !== 404) why = (await answer.text()).trim();
-  } catch {
-    why = "";
-  }
+  const why = await probe("/readyz");
   text.textContent = `The relay is not listening to PostgreSQL${why ? ` (${why})` : ""}: changes are not pushed until it is back. Checked ${at}.`;
+}
+
+/** GET a probe of the relay: its reasons (from JSON or text), "ok" when it answers without any, "" when it does not. */
+async function probe(path) {
+  try {
+    const answer = await fetch(new URL(path, location), { cache: "no-store" });
+    if (answer.status === 404) return "";
+    const body = (await answer.text()).trim();
+    try {
+      const parsed = JSON.parse(body);
+      if (Array.isArray(parsed.reasons) && parsed.reasons.length) return parsed.reasons.join("; ");
+    } catch {
+      // a plain-text probe answer: shown as it is
+    }
+    return body.length > 200 ? `${body.slice(0, 200)}…` : body || "ok";
+  } catch {
+    return "";
+  }
 }
 
 function showNote(message) {
