@@ -128,10 +128,8 @@ async def test_ui_in_auth_mode_jwt_takes_a_token_from_the_url_or_its_form(
     every_key = {"activity_progress": "*", "system_stability": "*", "activity_hints": "*"}
     claims = {"sub": "ui-test", "exp": int(time.time()) + 3600, "channels": every_key}
     token = jwt.encode(claims, SECRET, algorithm="HS256")
-    relay = await make_relay(**relay_overrides(**{
-        "server.ui": True, "auth.mode": "jwt", "auth.jwt_secret_file": str(secret),
-        "server.handshake_timeout_s": 2.0,
-    }))
+    jwt_mode = {"server.ui": True, "auth.mode": "jwt", "auth.jwt_secret_file": str(secret)}
+    relay = await make_relay(**relay_overrides(**jwt_mode))
     base = f"http://127.0.0.1:{relay.server.port}/ui"
 
     await page.goto(f"{base}?token={token}")
