@@ -172,3 +172,54 @@ test("a handler that throws breaks neither the client nor the other handlers", a
     console.error = original;
   }
 });
+
+class FakeEventSource {
+  static made = [];
+  constructor(url) {
+    this.url = new URL(url);
+    this.listeners = {};
+    this.closed = false;
+    FakeEventSource.made.push(this);
+  }
+  addEventListener(type, listener) {
+    (this.listeners[type] ??= []).push(listener);
+  }
+  close() {
+    this.closed = true;
+  }
+  event(type, frame) {
+    const event = { data: JSON.stringify(frame) };
+    (this.listeners[type] ?? []).forEach((listener) => listener(event));
+  }
+  fail() {
+    this.onerror({});
+  }
+}
+
+test("SSE: one EventSource per key set, the token and since in its URL; a failure reconnects and resumes", async () => {
+  FakeEventSource.made = [];
+  const relay = new RelayClient("https://relay.test/ws", {
+    transport: "sse", EventSource: FakeEventSource, token: "t0k", random: () => 0,
+  });
+  relay.follow("jobs", ["1", "2"]).follow("imports", ["1", "2"]).follow("system_stability");
+  await until(() => FakeEventSource.made.length === 2);
+  const [pair, stability] = FakeEventSource.made;
+  assert.equal(pair.url.origin + pair.url.pathname, "https://relay.test/sse");
+  assert.deepEqual(pair.url.searchParams.getAll("channel"), ["jobs", "imports"]);
+  assert.deepEqual(pair.url.searchParams.getAll("key"), ["1", "2"]);
+  assert.equal(pair.url.searchParams.get("token"), "t0k");
+  assert.deepEqual(stability.url.searchParams.getAll("key"), []); // no key: every key
+  pair.event("welcome", welcome());
+  assert.equal(relay.status.connection, "connecting"); // open once every stream has said welcome
+  stability.event("welcome", welcome());
+  assert.equal(relay.status.connection, "open");
+  pair.event("notify", { type: "notify", channel: "jobs", seq: 1, ts: 500, keys: ["1"], rows: { 1: { n: 1 } } });
+  pair.event("notify", { type: "notify", channel: "imports", seq: 1, ts: 400, keys: ["2"], rows: { 2: { n: 2 } } });
+  pair.fail();
+  assert.equal(relay.status.connection, "reconnecting");
+  assert.ok(pair.closed && stability.closed, "the client reconnects itself, not EventSource");
+  await until(() => FakeEventSource.made.length === 4);
+  // one since for a stream of several channels: the oldest of their positions, so that neither misses a change
+  assert.equal(FakeEventSource.made[2].url.searchParams.get("since"), "400");
+  relay.close();
+});
