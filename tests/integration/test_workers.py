@@ -44,6 +44,7 @@ class Supervisor:
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
         self.lines: list[dict[str, Any]] = []
+        self.clients: list[Client] = []
         self.url = ""
         self.port = 0
         self._reader = asyncio.create_task(self._read())
@@ -100,11 +101,14 @@ class Supervisor:
 
     async def client(self, query: str = f"?channel={CHANNEL}") -> tuple[Client, dict[str, Any]]:
         client = Client(await connect(self.url + query, open_timeout=5))
+        self.clients.append(client)
         welcome = await client.recv()
         assert welcome["type"] == "welcome", welcome
         return client, welcome
 
     async def stop(self) -> None:
+        for client in self.clients:  # closed before this test's event loop ends, not by the garbage collector later
+            client.connection.transport.abort()
         if self.process.returncode is None:
             self.process.kill()
             await self.process.wait()
