@@ -24,6 +24,7 @@ import asyncpg
 import benchlib as bl
 import msgspec
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 CHANNEL = "bench_recovery"
 TARGET_S = 1.0
@@ -85,20 +86,29 @@ class Follower:
         self.notify_at: list[float] = []
         self.status: list[tuple[str, float]] = []
         self.changed = asyncio.Event()
+        self.closed: str | None = None
 
     async def read(self, ws: Any) -> None:
-        async for message in ws:
-            frame = msgspec.json.decode(message)
-            now = time.monotonic()
-            if frame["type"] == "notify":
-                self.notify_at.append(now)
-            elif frame["type"] == "status":
-                self.status.append((frame["listener"], now))
-            self.changed.set()
+        try:
+            async for message in ws:
+                frame = msgspec.json.decode(message)
+                now = time.monotonic()
+                if frame["type"] == "notify":
+                    self.notify_at.append(now)
+                elif frame["type"] == "status":
+                    self.status.append((frame["listener"], now))
+                self.changed.set()
+        except ConnectionClosed as exc:
+            self.closed = str(exc)
+        else:
+            self.closed = f"closed by the relay: {ws.close_code} {ws.close_reason}"
+        self.changed.set()
 
     async def wait_for(self, predicate: Any, timeout: float) -> None:
         async with asyncio.timeout(timeout):
             while not predicate():
+                if self.closed:
+                    raise RuntimeError(f"the websocket client lost its connection: {self.closed}")
                 self.changed.clear()
                 await self.changed.wait()
 
@@ -140,7 +150,9 @@ async def one_outage(stack: bl.Stack, follower: Follower, outage_s: float) -> di
 
 async def measure(stack: bl.Stack, outages: list[float]) -> list[dict[str, Any]]:
     follower = Follower()
-    async with connect(stack.ws_url(CHANNEL)) as ws:
+    # The relay pings its clients (and the client answers); the client does not ping the relay, so that its own
+    # keepalive cannot end the measurement.
+    async with connect(stack.ws_url(CHANNEL), ping_interval=None) as ws:
         reader = asyncio.create_task(follower.read(ws))
         try:
             results = []

@@ -308,3 +308,24 @@ async def test_an_unexpected_error_at_any_await_becomes_a_reconnect(
     assert harness.metrics.listener_unexpected_errors._value.get() == 1
     await database.notify("a", "still listening")
     await wait_until(lambda: len(harness.queue) == 1)
+
+
+async def test_an_unexpected_error_during_a_reload_becomes_a_reconnect(
+    start_listener: Callable[..., Awaitable[Harness]], database: Database
+) -> None:
+    """An unexpected exception from the LISTEN of a reload (SIGHUP) replaces the connection, which then listens on
+    the new channel list; the listener keeps running."""
+    FlakyConnection.calls = 0
+    fail_at = len(AWAITS) + 100  # far past the first connection's awaits; set below to the reload's LISTEN
+
+    async def flaky_connect(*args: Any, **kwargs: Any) -> Any:
+        return FlakyConnection(await asyncpg.connect(*args, **kwargs), fail_at, Injected("cannot switch to state 12"))
+
+    harness = await start_listener(database.dsn, ["a"], connect=flaky_connect, heartbeat_interval_s=5.0)
+    await wait_until(lambda: harness.listener.up, timeout=5)
+    harness.listener._conn._fail_at = FlakyConnection.calls + 1  # the next awaited call: the reload's LISTEN b
+    await harness.listener.set_channels(["a", "b"])
+    await wait_until(lambda: harness.kinds() == ["up", "down", "up"], timeout=5)
+    assert not harness.task.done() and len(harness.attempts) == 2
+    await database.notify("b", "new channel")
+    await wait_until(lambda: len(harness.queue) == 1)
