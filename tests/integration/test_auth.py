@@ -64,7 +64,7 @@ async def test_missing_token_is_refused_with_401(relay: Relay) -> None:
     assert exc.response.headers["WWW-Authenticate"].startswith("Bearer")
     assert b"token is required" in exc.response.body
     assert auth_failures(relay, "missing") == 1
-    assert not relay.hub.clients
+    assert not relay.hub.transports
 
 
 @pytest.mark.parametrize(

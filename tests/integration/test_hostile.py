@@ -175,8 +175,8 @@ async def test_ping_flood_from_a_peer_that_reads_nothing_stays_bounded(
             flooder.protocol.send_ping(payload)
         flooder.send_data()
         await asyncio.sleep(0.01)
-    await wait_until(lambda: len(relay.hub.clients) == 1)
-    (server_side,) = [c.connection for c in relay.hub.clients]
+    await wait_until(lambda: len(relay.hub.transports) == 1)
+    (server_side,) = relay.hub.transports.values()
     await asyncio.sleep(0.3)
     assert server_side.transport.get_write_buffer_size() < 256 * 1024
     other = await make_client(relay)
@@ -212,5 +212,5 @@ async def test_ping_flooder_that_never_reads_is_closed_after_the_stall_timeout(
         flooder.send_data()
         await asyncio.sleep(0.01)
     await wait_until(lambda: relay.metrics.slow_client_disconnects._value.get() == 1, timeout=10)
-    await wait_until(lambda: not relay.hub.clients, timeout=10)
+    await wait_until(lambda: not relay.hub.transports, timeout=10)
     flooder.transport.abort()

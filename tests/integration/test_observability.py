@@ -224,7 +224,7 @@ async def busy_exposition(relay: Relay, make_client: ClientFactory, database: Da
     await database.notify(CHANNEL, "1", "1", "2")
     await client.recv_type("notify")
     await client.connection.close()
-    await wait_until(lambda: not relay.hub.clients)
+    await wait_until(lambda: not relay.hub.transports)
     status, body = await get(relay.server.port, "/metrics")
     assert status == 200
     return body

@@ -238,8 +238,10 @@ async def test_every_frame_type_is_counted(make_relay: RelayFactory, make_client
     await client.recv()
     await client.send("{")
     await client.recv()
-    sent = relay.metrics.messages_sent
-    assert [sent.labels(kind)._value.get() for kind in ("welcome", "ack", "pong", "error")] == [1, 1, 1, 1]
+    sample = relay.metrics.registry.get_sample_value
+    counts = [sample("notifyrelay_messages_sent_total", {"type": kind, "transport": "websocket"})
+              for kind in ("welcome", "ack", "pong", "error")]
+    assert counts == [1, 1, 1, 1]
 
 
 async def test_reload_keeps_restart_only_settings_and_survives_an_unreadable_dsn_file(
@@ -276,6 +278,6 @@ async def test_close_codes_a_client_invents_do_not_become_label_values(
     relay = await make_relay()
     client = await make_client(relay)
     await client.connection.close(4999, "mine")
-    await wait_until(lambda: not relay.hub.clients)
+    await wait_until(lambda: not relay.hub.transports)
     await wait_until(lambda: relay.metrics.connections_closed.labels("other")._value.get() == 1)
     assert 'code="4999"' not in relay.metrics.exposition().decode()

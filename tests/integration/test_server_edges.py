@@ -42,7 +42,7 @@ async def test_a_sender_that_never_reads_loses_its_slot(make_relay: RelayFactory
     except Exception:  # the relay cut us off mid-send: that is the point
         pass
     await wait_until(lambda: relay.metrics.slow_client_disconnects._value.get() == 1, timeout=10)
-    await wait_until(lambda: not relay.hub.clients, timeout=10)
+    await wait_until(lambda: not relay.hub.transports, timeout=10)
     hog.transport.abort()
     client = await make_client(relay)  # the slot is free again
     await client.send({"op": "ping"})

@@ -69,10 +69,10 @@ async def test_stalled_client_is_bounded_and_caught_up_once(
     assert set(newest) == {str(n) for n in range(KEYS)}
     assert all(n >= NOTIFICATIONS - KEYS for n in newest.values())  # each key's last update arrived
 
-    hub_client = next(c for c in relay.hub.clients if c.stalled_since is not None)
-    deferred = hub_client.deferred[CHANNEL]
+    hub_client = next(c for c in relay.hub.transports if c.stalled)
+    deferred = hub_client.pending[CHANNEL]
     assert len(deferred.keys) <= KEYS  # bounded by what it follows, not by the 12,000 notifications
-    buffered = hub_client.connection.transport.get_write_buffer_size()
+    buffered = relay.hub.transports[hub_client].transport.get_write_buffer_size()  # type: ignore[attr-defined]
     assert buffered < 16384 + 4096, buffered  # high-water mark plus at most one frame
     p50 = sorted(latencies)[len(latencies) // 2]
     print(f"\nin-process good client, notification age on arrival: p50 {p50 * 1000:.1f} ms,"
@@ -90,7 +90,7 @@ async def test_stalled_client_is_bounded_and_caught_up_once(
     catch_up = frames[-1]
     assert len(catch_up["keys"]) == len(set(catch_up["keys"])) == len(deferred.keys)
     assert set(catch_up["keys"]) <= {str(n) for n in range(KEYS)}
-    await wait_until(lambda: hub_client.stalled_since is None)
+    await wait_until(lambda: not hub_client.stalled)
     await stalled.connection.close()
 
 
@@ -116,5 +116,5 @@ async def test_client_stalled_past_the_limit_is_closed_with_4000(
     finally:
         await conn.close()
     await wait_until(lambda: relay.metrics.slow_client_disconnects._value.get() == 1, timeout=10)
-    await wait_until(lambda: not relay.hub.clients, timeout=10)
+    await wait_until(lambda: not relay.hub.transports, timeout=10)
     await stalled.close()

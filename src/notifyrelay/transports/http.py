@@ -68,6 +68,7 @@ class HttpConnection(asyncio.Protocol):
         self.upgraded: WebSocketTransport | StreamTransport | None = None
         self.peer = "?"
         self._deadline: asyncio.TimerHandle | None = None
+        self._partial = False  # bytes of a request have arrived and it has not been answered yet
         self._expiry: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -88,7 +89,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _handshake_timeout(self) -> None:
         if self.upgraded is None and self.transport is not None:
-            if self.h11.their_state is not h11.IDLE or self.h11.our_state is not h11.IDLE:
+            if self._partial:  # not an idle keep-alive connection: a request that never finished
                 self.server.metrics.limit_hits["handshake_timeout_s"].inc()
             self.transport.abort()
 
@@ -97,6 +98,7 @@ class HttpConnection(asyncio.Protocol):
             if isinstance(self.upgraded, WebSocketTransport):
                 self.upgraded.data_received(data)
             return  # a stream's client has nothing to say; what it sends is ignored
+        self._partial = True
         self.h11.receive_data(data)
         self._process()
 
@@ -140,6 +142,7 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.close()
                 return
             if isinstance(event, h11.Request):
+                self._partial = False
                 try:
                     self._route(event)
                 except Exception:  # a bug answering one request must not take the server down

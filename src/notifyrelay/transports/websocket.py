@@ -72,8 +72,8 @@ class WebSocketTransport:
 
     name = "websocket"
     unidirectional = False
-    __slots__ = ("_close_timer", "_keepalive", "_metrics", "_ping", "_stall_timer", "hub", "paused", "peer",
-                 "session", "settings", "transport", "ws")
+    __slots__ = ("_close_timer", "_keepalive", "_metrics", "_ping", "_ping_sent_at", "_stall_timer", "hub", "latency",
+                 "paused", "peer", "session", "settings", "transport", "ws")
 
     def __init__(
         self, transport: asyncio.Transport, ws: ServerProtocol, hub: Hub, settings: ServerConfig, metrics: Metrics,
@@ -90,6 +90,8 @@ class WebSocketTransport:
         self._close_timer: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping: bytes | None = None
+        self._ping_sent_at = 0.0
+        self.latency = 0.0  # the last keepalive round trip, seconds
         self.session: Session | None = None
 
     def start(self, grant_channels: dict[str, frozenset[str] | None] | None, request: StreamRequest | None,
@@ -123,7 +125,7 @@ class WebSocketTransport:
         if self.ws.state is State.OPEN:
             self.ws.send_close(code, reason)
             self._flush()
-        if self._close_timer is None and not self.transport.is_closing():
+        if self._close_timer is None:
             # A peer that does not answer the close (or never drains our buffer) is cut off.
             self._close_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.transport.abort)
 
@@ -163,6 +165,7 @@ class WebSocketTransport:
                     self._rate_close()
         elif opcode is Opcode.PONG and self._ping is not None and frame.data == self._ping:
             self._ping = None
+            self.latency = asyncio.get_running_loop().time() - self._ping_sent_at
             self._schedule(self._send_ping, self.settings.ping_interval_s)
 
     def _rate_close(self) -> None:
@@ -171,12 +174,13 @@ class WebSocketTransport:
         self.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
 
     def _flush(self) -> None:
+        done = False
         for data in self.ws.data_to_send():
             if data:
                 self.transport.write(data)
-            elif self.transport.can_write_eof():
-                self.transport.write_eof()
-        if self.ws.close_expected() or self.ws.state is State.CLOSED:
+            else:  # the protocol has nothing more to send: the close handshake is over (or it failed)
+                done = True
+        if done or self.ws.state is State.CLOSED:
             self.transport.close()
 
     # Keepalive: a ping every ping_interval_s; no pong within ping_timeout_s closes with 1011.
@@ -190,6 +194,7 @@ class WebSocketTransport:
         if self.ws.state is not State.OPEN:
             return
         self._ping = os.urandom(4)
+        self._ping_sent_at = asyncio.get_running_loop().time()
         self.ws.send_ping(self._ping)
         self._flush()
         self._schedule(self._ping_timeout, self.settings.ping_timeout_s)
@@ -232,6 +237,8 @@ class WebSocketTransport:
                 timer.cancel()
         if self.session is not None:
             self.hub.close(self.session)
+        if self.ws.state is not State.CLOSED:
+            self.ws.receive_eof()  # the protocol learns the TCP connection is gone, so close_code is final
         code = self.ws.close_code or 1006
         self._metrics.connections_closed.labels(str(code) if code in KNOWN_CLOSE_CODES else "other").inc()
         sent = self.ws.close_sent
