@@ -27,6 +27,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 SCENARIOS = {  # name -> (bound in seconds, extra flags for the default suite)
     "latency": (480, []),
+    "transports": (600, []),  # idle latency over SSE and NDJSON beside the websocket's (issue 10)
     "coalescing": (240, []),
     "ingest": (660, ["--duration", "30"]),
     "memory": (480, []),

@@ -8,7 +8,7 @@ frame carrying its key with a payload ``n`` at least its own (as in ``latency.py
 
 Every client stamps a frame when its bytes are read (``data_received``): websockets' sans-I/O client for /ws, and
 h11 (HTTP/1.1, chunked) for /sse and /stream, so that no transport's client does more work than another's before
-the stamp. By default every follower lives in one client process, connected in turn (ws, SSE, NDJSON, ws, ...):
+the stamp. By default every follower lives in one client process, connected in a shuffled order (``--seed``):
 one wake-up reads the frame on every transport, so that on a small machine the scheduler's choice of which client
 process runs first is not measured as a transport's latency (``--client-processes 3`` gives each transport its
 own). Besides the ratios of percentiles, the JSON has a paired figure: for each notification, the median
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import random
 import time
 from collections import defaultdict
 from typing import Any
@@ -155,15 +156,21 @@ class _AllClients:
         self.websocket = bl._Clients("payload", "sansio")
         self.streams = {name: _StreamClients(name) for name in STREAM_PATHS}
 
-    async def connect(self, urls: dict[str, str], followers: int, timeout: float) -> dict[str, Any]:
+    async def connect(self, urls: dict[str, str], followers: int, timeout: float, seed: int) -> dict[str, Any]:
+        """Open ``followers`` connections per transport, in a shuffled order: the relay writes a batch to its
+        followers in an order of its own (a set), and a transport whose followers all came first (or last) would
+        be measured early (or late) by that much."""
         started = time.monotonic()
-        for _ in range(followers):  # in turn, so that no transport's connections are all older than another's
-            answer = await self.websocket.connect([urls["websocket"]], 1, timeout)
-            if answer["failed"]:
-                raise RuntimeError(f"websocket: {answer['errors']}")
-            for name, clients in self.streams.items():
-                await clients.connect([urls[name]], 1, timeout)
-        return {"seconds": round(time.monotonic() - started, 3)}
+        order = [name for name in urls for _ in range(followers)]
+        random.Random(seed).shuffle(order)
+        for name in order:
+            if name == "websocket":
+                answer = await self.websocket.connect([urls[name]], 1, timeout)
+                if answer["failed"]:
+                    raise RuntimeError(f"websocket: {answer['errors']}")
+            else:
+                await self.streams[name].connect([urls[name]], 1, timeout)
+        return {"seconds": round(time.monotonic() - started, 3), "order": order}
 
     async def collect(self) -> dict[str, Any]:
         collected = {"websocket": await self.websocket.collect()}
@@ -230,7 +237,8 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         generators = bl.start_generators(1, stack.dsn, connections=1, lifetime_s=lifetime)
         with bl.workers_stopped([*workers, *generators]):
             if len(workers) == 1:
-                workers[0].call("connect", urls, followers, 30.0, timeout=60)
+                result["connect_order"] = workers[0].call("connect", urls, followers, 30.0, args.seed,
+                                                          timeout=60)["order"]
             else:
                 for worker, name in zip(workers, urls, strict=True):
                     worker.call("connect", [urls[name]] * followers, 16, 30.0, timeout=60)
@@ -268,6 +276,18 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
             summaries[name]["minus_websocket_same_notification_ms"] = bl.summary_ms(deltas)
             figures[f"{name}_minus_websocket_p50_ms"] = bl.figure(
                 bl.summary_ms(deltas).get("p50"), "ms", note="same notification, median follower, paired")
+        # For scale: per notification, the first to the last arrival over every follower of every transport. The
+        # relay writes the 3 x followers frames one after the other (in an order of its own), so a transport's
+        # place in that order shows in the paired figures above as a difference of this size.
+        firsts: dict[str, list[float]] = defaultdict(list)
+        for got in collected.values():
+            for frames in got["per_conn"].values():
+                seen: set[str] = set()
+                for arrival, payloads in frames:
+                    for key in payloads.keys() - seen:
+                        seen.add(key)
+                        firsts[key].append(arrival)
+        result["fanout_spread_ms"] = bl.summary_ms(max(times) - min(times) for times in firsts.values())
         result["relay_metrics"] = {
             key: value for key, value in stack.metrics().items()
             if key.startswith(("notifyrelay_messages_sent_total", "notifyrelay_clients{"))
@@ -278,6 +298,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=300, help="lone notifications (each one sample per follower)")
     parser.add_argument("--followers", type=int, default=5, help="* followers on each transport")
+    parser.add_argument("--seed", type=int, default=1, help="shuffles the order the followers connect in")
     parser.add_argument("--client-processes", type=int, choices=(1, 3), default=1,
                         help="1: every follower in one process (default); 3: one process per transport")
     return bl.scenario_main("transports", 600, run, parser)
