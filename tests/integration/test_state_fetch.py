@@ -176,6 +176,23 @@ async def test_postgresql_types_convert_to_the_documented_json(
     }
 
 
+async def test_numbers_beyond_a_double_keep_their_digits(pool: tuple[StatePool, Metrics]) -> None:
+    """A numeric too large for a double comes back exactly (an integer) or as its digits (a fraction): no failure."""
+    state_pool, metrics = pool
+    query = ("SELECT k AS key, (10::numeric ^ 400) AS huge, (10::numeric ^ 400 + 0.5) AS fraction, "
+             "'{\"x\": 1e999}'::jsonb AS doc FROM unnest($1::text[]) AS k")
+    state = ChannelState(channel({"query": query, "max_row_bytes": 100_000},
+                                 {"done": "huge", "total": "fraction"}), state_pool, metrics)
+    result = await state.fetch(["a"])
+    assert result.error is None
+    row = result.rows["a"]
+    assert row["huge"] == 10**400
+    assert row["fraction"] == "1" + "0" * 400 + ".5"
+    assert row["doc"]["x"] == 10**999
+    assert result.progress is not None and result.progress["a"]["percent"] is None
+    msgspec.json.encode(result.rows)
+
+
 async def test_list_query_returns_its_rows(pool: tuple[StatePool, Metrics], jobs: str) -> None:
     """list_query's rows come back by key, and a channel without one answers None."""
     state_pool, metrics = pool

@@ -37,7 +37,10 @@ def _number(value: Any) -> float | None:
     """A finite number, or None for anything else (NULL, text, booleans, NaN, infinities)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond a double's range (a huge numeric)
+        return None
     return number if math.isfinite(number) else None
 
 

@@ -11,6 +11,7 @@ failing, slow or wrong query becomes a ``StateResult`` with ``error`` set, a met
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 import uuid
@@ -29,6 +30,22 @@ from .progress import ProgressTracker
 log = structlog.get_logger("notifyrelay.state")
 
 _json_decode = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+def _float_or_text(literal: str) -> float | str:
+    number = float(literal)
+    return number if math.isfinite(number) else literal
+
+
+# For the rare row with a number beyond a double's range (a huge numeric): that number stays its digits, as a string.
+_json_decode_wide = msgspec.json.Decoder(dict[str, Any], float_hook=_float_or_text).decode
+
+
+def _decode_row(text: str) -> dict[str, Any]:
+    try:
+        return _json_decode(text)
+    except msgspec.ValidationError:  # "Number out of range"
+        return _json_decode_wide(text)
 LOG_EVERY_S = 10.0  # at most one log line per channel and outcome this often; the others are counted in it
 RELEASE_TIMEOUT_S = 5.0
 STALL_CHECK_S = 1.0  # how often watch_stalls looks for keys that became stalled
@@ -420,7 +437,7 @@ class ChannelState:
                 too_large.append(key)
                 log.debug("state.row_too_large", channel=self.channel, size=size, limit=self.config.max_row_bytes)
                 continue
-            row = _json_decode(text)
+            row = _decode_row(text)
             row.pop("key", None)
             rows[key] = row
             texts[key] = text
