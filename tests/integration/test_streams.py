@@ -109,6 +109,35 @@ async def test_only_followed_keys_arrive(
     assert sample(relay, "messages_sent_total", type="notify", transport=framing) == 2
 
 
+async def test_several_channels_in_one_url(
+    make_relay: RelayFactory, database: Database, open_stream: StreamFactory,
+) -> None:
+    """Each channel parameter of a stream URL is one subscription (with the same keys), acked in order."""
+    relay = await make_relay(**{"coalesce.window_ms": 0, "channels": [{"name": CHANNEL}, {"name": "system_stability"}]})
+    stream = await open_stream(relay, f"/stream?channel={CHANNEL}&channel=system_stability&key=1")
+    opening = await stream.opening(subscribes=2)
+    assert [item.frame["channel"] for item in opening[1:] if item.frame] == [CHANNEL, "system_stability"]
+    await database.notify("system_stability", "2", "1")
+    await database.notify(CHANNEL, "1")
+    frames = [(await stream.next_frame("notify")).frame for _ in range(2)]
+    assert [(f["channel"], f["keys"]) for f in frames if f] == [("system_stability", ["1"]), (CHANNEL, ["1"])]
+
+
+@FRAMINGS
+async def test_a_client_that_goes_away_is_forgotten_at_once(
+    framing: str, make_relay: RelayFactory, open_stream: StreamFactory,
+) -> None:
+    """When a stream's client closes its connection, the relay drops its session and subscriptions right away."""
+    relay = await make_relay()
+    stream = await open_stream(relay, f"{path_of(framing)}?channel={CHANNEL}&key=a")
+    await stream.opening()
+    assert sample(relay, "subscriptions", channel=CHANNEL) == 1
+    await stream.close()
+    await wait_until(lambda: len(relay.hub) == 0, timeout=2)
+    assert sample(relay, "clients", transport=framing) == 0
+    assert sample(relay, "subscriptions", channel=CHANNEL) == 0
+
+
 @FRAMINGS
 async def test_coalescing_holds(
     framing: str, make_relay: RelayFactory, database: Database, open_stream: StreamFactory,
