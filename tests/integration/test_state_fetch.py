@@ -269,6 +269,16 @@ async def test_a_row_over_max_row_bytes_is_left_out_as_too_large(pool: tuple[Sta
     assert sample(metrics, "state_rows_dropped_total", channel="jobs", reason="too_large") == 1
 
 
+async def test_a_row_nested_too_deep_to_decode_is_left_out_like_a_large_one(pool: tuple[StatePool, Metrics]) -> None:
+    """A jsonb nested thousands deep cannot crash or fail the batch: its key is too_large, the others come back."""
+    state_pool, metrics = pool
+    query = ("SELECT k AS key, CASE WHEN k = 'deep' THEN (repeat('[', 5000) || repeat(']', 5000))::jsonb END AS doc "
+             "FROM unnest($1::text[]) AS k")
+    state = ChannelState(channel({"query": query, "max_row_bytes": 100_000}), state_pool, metrics)
+    result = await state.fetch(["deep", "flat"])
+    assert (result.error, result.error_keys, result.rows) == ("too_large", ["deep"], {"flat": {"doc": None}})
+
+
 async def test_state_queries_cannot_write(pool: tuple[StatePool, Metrics], jobs: str) -> None:
     """The pool's sessions are read-only: a query that tries to change data fails instead."""
     state_pool, metrics = pool

@@ -437,7 +437,12 @@ class ChannelState:
                 too_large.append(key)
                 log.debug("state.row_too_large", channel=self.channel, size=size, limit=self.config.max_row_bytes)
                 continue
-            row = _decode_row(text)
+            try:
+                row = _decode_row(text)
+            except (RecursionError, msgspec.DecodeError, msgspec.ValidationError):
+                # Nested deeper than the relay decodes (and could encode again): sent like a row too large.
+                too_large.append(key)
+                continue
             row.pop("key", None)
             rows[key] = row
             texts[key] = text
@@ -450,7 +455,8 @@ class ChannelState:
             self._log("duplicate_key", f"the query returned {duplicates} more row(s) of a key (the first is kept)")
         if too_large:
             dropped.labels(self.channel, "too_large").inc(len(too_large))
-            self._log("too_large", f"{len(too_large)} row(s) over max_row_bytes={self.config.max_row_bytes}")
+            self._log("too_large", f"{len(too_large)} row(s) over max_row_bytes={self.config.max_row_bytes} "
+                      "(or nested too deep to decode)")
         return rows, texts, too_large
 
     def _result(
