@@ -110,7 +110,7 @@ def validate_since(since: Any, request_id: str | None = None) -> int | None:
     """A resume position: a non-negative integer (Unix ms), or None when absent."""
     if since is None:
         return None
-    if isinstance(since, str) and since.isdigit() and len(since) <= 16:
+    if isinstance(since, str) and since.isascii() and since.isdigit() and len(since) <= 16:
         since = int(since)
     if isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 2**53:
         raise ProtocolError(

@@ -170,7 +170,8 @@ class Session:
         """Keep a batch's keys for later instead of writing them."""
         pending = self.pending.get(channel)
         if pending is None:
-            pending = self.pending[channel] = Pending(with_payloads=payloads is not None)
+            pending = self.pending[channel] = Pending()
+        pending.with_payloads = pending.with_payloads or payloads is not None
         pending.seq, pending.ts = seq, ts
         if pending.lagged_since is not None:
             return
@@ -188,15 +189,17 @@ class Session:
             pending = self.pending[channel] = Pending()
         pending.refreshing = True
 
-    def claim_pending(self, channel: str) -> tuple[list[str], bool]:
-        """The keys folded on ``channel`` (to be sent with its snapshot or replay), and whether it lagged past them."""
+    def claim_pending(self, channel: str) -> tuple[list[str], bool, dict[str, Any] | None]:
+        """The keys folded on ``channel`` (to be sent with its snapshot or replay), whether it lagged past them,
+        and their last payloads (None on a channel without payloads)."""
         pending = self.pending.get(channel)
         if pending is None:
-            return [], False
+            return [], False, None
         keys = [key for key in pending.keys if self.follows_key(channel, key)]
         lagged = pending.lagged_since is not None
+        payloads = dict(pending.keys) if pending.with_payloads else None
         pending.keys, pending.lagged_since = {}, None
-        return keys, lagged
+        return keys, lagged, payloads
 
     def end_refresh(self, channel: str) -> None:
         pending = self.pending.get(channel)

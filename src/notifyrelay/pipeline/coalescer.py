@@ -155,7 +155,9 @@ class ChannelWindow:
     def flush(self, now: float) -> Batch:
         self.seq += 1
         self.last_flush = now
-        self.ts = max(int(self._wall_clock() * 1000), self.ts + 1)
+        # Never backwards, but never ahead of the clock either (a run of batches within one millisecond shares
+        # it): a ts ahead of real time would make a resume on another replica skip real changes.
+        self.ts = max(int(self._wall_clock() * 1000), self.ts)
         batch = Batch(
             ts=self.ts,
             channel=self.channel,

@@ -49,7 +49,7 @@ class ChannelHistory:
             return None
         keys: list[str] = []
         for key, ts in reversed(self._changed.items()):
-            if ts <= moment:
+            if ts < moment:  # a change at the very moment counts: ts may repeat within a millisecond
                 break
             if wanted(key):
                 keys.append(key)

@@ -16,7 +16,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
@@ -52,7 +52,7 @@ class Follower(Protocol):
 
     def begin_refresh(self, channel: str) -> None: ...
 
-    def claim_pending(self, channel: str) -> tuple[list[str], bool]: ...
+    def claim_pending(self, channel: str) -> tuple[list[str], bool, dict[str, Any] | None]: ...
 
     def end_refresh(self, channel: str) -> None: ...
 
@@ -104,6 +104,47 @@ class Order:
 
 
 Event = Batch | Gap | Order
+
+
+@dataclass(slots=True)
+class Plan:
+    """How one refresh request is served: a frame ``kind`` (snapshot, replay, catch_up, resync) over ``keys``,
+    plus ``list_query``'s rows when ``listed`` (a "*" follower)."""
+
+    order: Order
+    kind: str
+    keys: list[str] = field(default_factory=list)
+    listed: bool = False
+    payloads: dict[str, Any] | None = None
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class Merged:
+    """list_query's rows overlaid with the newer rows of a keys' query (its ``gone`` removes listed keys)."""
+
+    rows: dict[str, Any]
+    gone: list[str]
+    progress: dict[str, Any] | None
+    error: str | None
+    error_keys: list[str]
+
+    @classmethod
+    def of(cls, listed: protocol.Rows, newer: protocol.Rows | None) -> Merged:
+        if newer is None:
+            return cls(dict(listed.rows), list(listed.gone), listed.progress, listed.error, list(listed.error_keys))
+        rows = {**listed.rows, **newer.rows}
+        for key in newer.gone:
+            rows.pop(key, None)
+        progress = None
+        if listed.progress is not None or newer.progress is not None:
+            progress = {**(listed.progress or {}), **(newer.progress or {})}
+        return cls(rows, list(newer.gone), progress, newer.error or listed.error,
+                   [*listed.error_keys, *newer.error_keys])
+
+
+def _unique(*groups: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(key for group in groups for key in group))
 
 
 def _ms(moment: datetime) -> int:
@@ -226,90 +267,101 @@ class ChannelStream:
 
     async def _refresh(self, orders: list[Order]) -> None:
         """Serve snapshot and replay requests: decide each one's keys, fetch them all with one query (and
-        ``list_query`` once when a ``*`` follower needs it), then send each client its frame."""
-        plans: list[tuple[Order, str, list[str] | None]] = []  # order, frame kind, keys (None: the list)
+        ``list_query`` once, first, when a ``*`` follower needs it), then send each client its frame."""
+        plans = []
         for order in orders:
-            session, refresh = order.session, order.refresh
-            if not self._delivery.is_connected(session):
-                continue
-            plan = self._plan(session, refresh)
+            plan = self._plan(order)
             if plan is None:
-                session.end_refresh(self.channel)
-                continue
-            plans.append((order, *plan))
+                order.session.end_refresh(self.channel)
+            else:
+                plans.append(plan)
         if not plans:
             return
-        if self.state is None:
-            for order, kind, keys in plans:
-                self._send_hint(order.session, kind, keys or [], order.refresh)
-            return
-        wanted = list(dict.fromkeys(key for _, _, keys in plans if keys for key in keys))
-        rows = await self.state.fetch(wanted) if wanted else None
-        listed = await self.state.fetch_list() if any(keys is None for _, _, keys in plans) else None
-        ts = self._now_ms()
-        for order, kind, keys in plans:
-            session = order.session
-            if not self._delivery.is_connected(session):
-                continue
-            source = rows if keys is not None else listed
-            if source is None:  # a "*" follower of a channel without list_query: nothing to snapshot
-                session.end_refresh(self.channel)
-                continue
-            if keys is None:
-                keys = [key for key in source.rows if session.follows_key(self.channel, key)]
-            assert keys is not None
-            if kind == "snapshot":
-                frame = protocol.snapshot(self.channel, self.history.seq, ts, keys, source)
-                self._metrics.snapshots.labels(self.channel).inc()
-            else:
-                frame = protocol.notify(
-                    self.channel, self.history.seq, ts, keys, state=source, replay=kind == "replay",
-                )
-            self._delivery.send(session, kind if kind == "snapshot" else "notify", frame, ts)
+        listed: protocol.Rows | None = None
+        fetched: protocol.Rows | None = None
+        if self.state is not None:
+            # list_query first and the keys' query second, so that where both return a key the newer row wins:
+            # rows are sent in the order they were fetched, never backwards.
+            if any(plan.listed for plan in plans):
+                listed = await self.state.fetch_list()
+            wanted = list(dict.fromkeys(key for plan in plans for key in plan.keys))
+            fetched = await self.state.fetch(wanted) if wanted else None
+        for plan in plans:
+            session = plan.order.session
+            if self._delivery.is_connected(session):
+                self._send(plan, listed, fetched)
             session.end_refresh(self.channel)
 
-    def _plan(self, session: Follower, refresh: Refresh) -> tuple[str, list[str] | None] | None:
-        """What one request needs: ("snapshot" | "replay" | "catch_up" | "resync", keys or None for the list);
-        None when there is nothing to send."""
-        claimed, lagged = session.claim_pending(self.channel)
+    def _plan(self, order: Order) -> Plan | None:
+        """What one request needs, or None when there is nothing to send."""
+        session, refresh = order.session, order.refresh
+        if not self._delivery.is_connected(session):
+            return None
+        claimed, lagged, payloads = session.claim_pending(self.channel)
         followed = session.followed(self.channel)
-        everything: list[str] | None = None if protocol.WILDCARD in followed else sorted(followed)
+        state = self.state is not None
+
+        def everything(reason: str) -> Plan:
+            if not state:
+                return Plan(order, "resync", reason=reason)
+            if protocol.WILDCARD in followed:
+                return Plan(order, "snapshot", claimed, listed=True, reason=reason)
+            return Plan(order, "snapshot", sorted(followed))
+
         if refresh.since is not None:
             changed = self.history.changed_since(
                 refresh.since - self.overlap_ms, lambda key: session.follows_key(self.channel, key)
             )
             if changed is not None and not lagged:
                 self._metrics.resumes.labels("replayed").inc()
-                keys = list(dict.fromkeys([*changed, *claimed]))
-                return ("replay", keys) if keys else None
-            if self.state is None:
-                self._metrics.resumes.labels("resync").inc()
-                return "resync", None
-            self._metrics.resumes.labels("snapshot").inc()
-            return "snapshot", everything
+                keys = _unique(changed, claimed)
+                return Plan(order, "replay", keys, payloads=payloads) if keys else None
+            self._metrics.resumes.labels("snapshot" if state else "resync").inc()
+            return everything("history_gap")
+        if lagged:
+            return everything(refresh.reason if refresh.reason != "subscribe" else "slow_client")
         if refresh.reason == "subscribe":
-            if self.state is None:
-                return None
+            if not state:
+                return Plan(order, "catch_up", claimed, payloads=payloads) if claimed else None
             if refresh.keys is None or protocol.WILDCARD in refresh.keys:
-                return "snapshot", None
-            return "snapshot", list(dict.fromkeys([*refresh.keys, *claimed]))
-        if lagged or refresh.keys is None:
-            return ("snapshot", everything) if self.state is not None else ("resync", None)
-        keys = list(dict.fromkeys([*refresh.keys, *claimed]))
-        keys = [key for key in keys if session.follows_key(self.channel, key)]
-        return ("catch_up", keys) if keys else None
+                return Plan(order, "snapshot", claimed, listed=True, reason="subscribe")
+            return Plan(order, "snapshot", _unique(refresh.keys, claimed))
+        if refresh.keys is None:
+            return everything(refresh.reason)
+        keys = [key for key in _unique(refresh.keys, claimed) if session.follows_key(self.channel, key)]
+        return Plan(order, "catch_up", keys, payloads=payloads) if keys else None
 
-    def _send_hint(self, session: Follower, kind: str, keys: list[str], refresh: Refresh) -> None:
-        if kind == "resync":
-            start = _utc_ms(refresh.since) if refresh.since is not None else _utc_ms(self._now_ms())
-            reason = "history_gap" if refresh.since is not None else refresh.reason
-            ts = self._now_ms()
-            self._delivery.send(session, "resync", protocol.resync(self.channel, reason, start, _utc_ms(ts), ts), ts)
+    def _send(self, plan: Plan, listed: protocol.Rows | None, fetched: protocol.Rows | None) -> None:
+        session, refresh = plan.order.session, plan.order.refresh
+        ts = self._now_ms()
+        if plan.kind == "resync" or (plan.listed and listed is None and not plan.keys):
+            # A hint channel, or a "*" follower of a state channel without list_query: the client refetches.
+            if plan.reason == "subscribe":
+                return
+            start = _utc_ms(refresh.since) if refresh.since is not None else _utc_ms(ts)
+            body = protocol.resync(self.channel, plan.reason, start, _utc_ms(ts), ts)
+            self._delivery.send(session, "resync", body, ts)
+            return
+        source: protocol.Rows | None = fetched
+        keys = plan.keys
+        if plan.listed and listed is not None:
+            source = Merged.of(listed, fetched)
+            keys = _unique(list(source.rows), keys)
+        keys = [key for key in keys if session.follows_key(self.channel, key)]
+        kind = "snapshot" if plan.kind == "snapshot" and (listed is not None or not plan.listed) else "notify"
+        if source is None and self.state is not None:
+            return  # nothing was asked of the database for this one
+        if kind == "snapshot":
+            assert source is not None
+            body = protocol.snapshot(self.channel, self.history.seq, ts, keys, source)
+            self._metrics.snapshots.labels(self.channel).inc()
         elif keys:
-            ts = self.history.ts or self._now_ms()
-            frame = protocol.notify(self.channel, self.history.seq, ts, keys, replay=kind == "replay")
-            self._delivery.send(session, "notify", frame, ts)
-        session.end_refresh(self.channel)
+            ts = ts if source is not None else (self.history.ts or ts)
+            body = protocol.notify(self.channel, self.history.seq, ts, keys, plan.payloads, state=source,
+                                   replay=plan.kind == "replay")
+        else:
+            return
+        self._delivery.send(session, kind, body, ts)
 
     def _now_ms(self) -> int:
         return max(int(self._wall_clock() * 1000), self.history.ts)
