@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
@@ -102,6 +103,12 @@ async def seen(follower: Follower, *keys: str) -> None:
         missing.difference_update(frame.get("keys", ()))
 
 
+def after(position_key: str, keys: list[str]) -> list[str]:
+    """A replay's keys without the key of the resume position itself: batches within one millisecond share a ts, so
+    a replay from TS may repeat what changed at TS (a superset, never a loss)."""
+    return [key for key in keys if key != position_key]
+
+
 def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
@@ -111,7 +118,7 @@ async def test_since_replays_what_changed_while_away(
     transport: str, make_relay: RelayFactory, database: Database, follow: Follow,
 ) -> None:
     """A client back with since=TS first gets one notify with "replay": true folding exactly the followed keys that
-    changed after TS (overlap 0), then live frames."""
+    changed after TS (overlap 0; the key it saw at TS may repeat), then live frames."""
     relay = await make_relay(**{"coalesce.window_ms": 0, "history.overlap_ms": 0})
     query = f"?channel={CHANNEL}&key=a&key=b&key=c"
     first = await follow(relay, transport, query)
@@ -121,7 +128,7 @@ async def test_since_replays_what_changed_while_away(
     back = await follow(relay, transport, f"{query}&since={since}")
     replay = await back.next()
     assert replay["type"] == "notify" and replay.get("replay") is True, replay
-    assert replay["keys"] == ["c", "b"]  # oldest change first; b changed last
+    assert after("a", replay["keys"]) == ["c", "b"]  # oldest change first; b changed last
     assert replay["ts"] > since
     if transport == "sse":
         assert back.event_ids[-1] == str(replay["ts"])
@@ -152,14 +159,50 @@ async def test_default_overlap_replays_a_superset(
 async def test_nothing_changed_means_no_replay(
     transport: str, make_relay: RelayFactory, database: Database, follow: Follow,
 ) -> None:
-    """Resuming from the newest ts when nothing changed since sends no replay frame, and live frames follow."""
+    """Resuming from a position after the last change sends no replay frame, and live frames follow."""
     relay = await make_relay(**{"coalesce.window_ms": 0, "history.overlap_ms": 0})
     query = f"?channel={CHANNEL}&key=a"
-    since = await last_ts(await follow(relay, transport, query), database, "a")
+    since = await last_ts(await follow(relay, transport, query), database, "a") + 1
     back = await follow(relay, transport, f"{query}&since={since}")
     assert await back.frames_for(0.4) == []
     await database.notify(CHANNEL, "a")
     assert "replay" not in await back.next()
+
+
+@TRANSPORTS
+async def test_a_resume_amid_live_traffic_comes_first_and_misses_nothing(
+    transport: str, make_relay: RelayFactory, database: Database, follow: Follow,
+) -> None:
+    """A client resuming while notifications keep coming gets the replay before any live frame of the channel,
+    and the replay and the live frames together name every key notified after its position."""
+    relay = await make_relay(**{"coalesce.window_ms": 0, "history.overlap_ms": 0})
+    first = await follow(relay, transport, f"?channel={CHANNEL}")
+    since = await last_ts(first, database, "k0")
+    keys = [f"n{i}" for i in range(1, 301)]
+    conn = await asyncpg.connect(database.dsn)
+
+    async def notify_all() -> None:
+        for key in keys:
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, key)
+
+    flow = asyncio.create_task(notify_all())
+    try:
+        await seen(first, "n50")  # the flow is under way
+        back = await follow(relay, transport, f"?channel={CHANNEL}&since={since}")
+        frames = []
+        missing = set(keys)
+        async with asyncio.timeout(10):
+            while missing:
+                frame = await back.next()
+                frames.append(frame)
+                missing.difference_update(frame.get("keys", ()))
+        await flow
+    finally:
+        flow.cancel()
+        await conn.close()
+    assert frames[0].get("replay") is True, frames[0]
+    assert not any(frame.get("replay") for frame in frames[1:])
+    assert after("k0", frames[0]["keys"])[:1] == ["n1"] and "n50" in frames[0]["keys"]
 
 
 async def test_last_event_id_resumes_an_event_source(
@@ -176,7 +219,7 @@ async def test_last_event_id_resumes_an_event_source(
     await seen(first, "b")
     back = await follow(relay, "sse", query, {"Last-Event-ID": last_event_id})
     replay = await back.next()
-    assert (replay["keys"], replay.get("replay")) == (["b"], True)
+    assert (after("a", replay["keys"]), replay.get("replay")) == (["b"], True)
 
 
 async def test_since_in_the_query_wins_over_last_event_id(
@@ -184,12 +227,13 @@ async def test_since_in_the_query_wins_over_last_event_id(
 ) -> None:
     """When a URL carries since= and the request Last-Event-ID, the URL's position is the one used."""
     relay = await make_relay(**{"coalesce.window_ms": 0, "history.overlap_ms": 0})
-    query = f"?channel={CHANNEL}&key=a&key=b"
+    query = f"?channel={CHANNEL}&key=a&key=b&key=c"
     first = await follow(relay, "sse", query)
     early = await last_ts(first, database, "a")
-    late = await last_ts(first, database, "b")
+    await last_ts(first, database, "b")
+    late = await last_ts(first, database, "c")
     back = await follow(relay, "sse", f"{query}&since={early}", {"Last-Event-ID": str(late)})
-    assert (await back.next())["keys"] == ["b"]
+    assert after("a", (await back.next())["keys"]) == ["b", "c"]  # from late, b would not be in it
 
 
 async def test_since_in_a_subscribe_frame(
@@ -206,7 +250,7 @@ async def test_since_in_a_subscribe_frame(
     await back.send({"op": "subscribe", "channel": CHANNEL, "keys": ["a", "b"], "since": since, "id": "r1"})
     assert (await back.recv(2))["type"] == "ack"
     replay = await back.recv(2)
-    assert (replay["keys"], replay.get("replay")) == (["b"], True)
+    assert (after("a", replay["keys"]), replay.get("replay")) == (["b"], True)
 
 
 # When this process cannot vouch for the span: resync with reason history_gap.
@@ -236,14 +280,14 @@ async def test_history_gap_when_changed_keys_were_forgotten(
     transport: str, make_relay: RelayFactory, database: Database, follow: Follow,
 ) -> None:
     """With history.max_keys = 3, five keys changed after TS push one out of memory: resync history_gap instead
-    of a replay that could miss it; a position after the forgotten change still replays."""
+    of a replay that could miss it; a position after every forgotten change still replays."""
     relay = await make_relay(**{"coalesce.window_ms": 0, "history.overlap_ms": 0, "history.max_keys": 3})
     first = await follow(relay, transport, f"?channel={CHANNEL}")
     positions = {key: await last_ts(first, database, key) for key in ("k0", "k1", "k2", "k3", "k4", "k5")}
     gap = await (await follow(relay, transport, f"?channel={CHANNEL}&since={positions['k0']}")).next()
     assert (gap["type"], gap["reason"]) == ("resync", "history_gap")
-    replay = await (await follow(relay, transport, f"?channel={CHANNEL}&since={positions['k2']}")).next()
-    assert (replay["keys"], replay.get("replay")) == (["k3", "k4", "k5"], True)
+    replay = await (await follow(relay, transport, f"?channel={CHANNEL}&since={positions['k3']}")).next()
+    assert (after("k3", replay["keys"]), replay.get("replay")) == (["k4", "k5"], True)
 
 
 # From one relay process to another on the same database.
