@@ -130,7 +130,9 @@ class Supervisor:
 
     async def run(self) -> int:
         """Reserve the ports, start the workers, keep them running until asked to stop, then stop them all."""
-        self.directory = Path(tempfile.mkdtemp(prefix="notifyrelay-workers-", dir=os.environ.get("RUNTIME_DIRECTORY")))
+        # systemd's RuntimeDirectory= (private, removed at stop) when set; it may list several: the first.
+        runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+        self.directory = Path(tempfile.mkdtemp(prefix="notifyrelay-workers-", dir=runtime))
         try:
             listen, admin = self._reserve_ports()
             scheme = "wss" if self.config.server.tls_cert_file else "ws"
