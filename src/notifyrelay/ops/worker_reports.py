@@ -10,8 +10,8 @@ own registry's ``/metrics`` exposition (every second)::
 The kernel hands a probe to any worker (SO_REUSEPORT), so whichever one gets it answers for every worker by reading
 the others' files beside its own live state (``WorkerReadiness``, ``WorkerMetrics``: drop-ins for the relay's own):
 ``/readyz`` is ready only when every worker is, and one scrape of ``/metrics`` carries every worker's series with a
-``worker`` label. A report older than ``STALE_S`` is a worker that
-stopped turning its event loop, or died: not ready. The supervisor removes a dead worker's files as it reaps it.
+``worker`` label. A report older than ``STALE_S`` is a worker that stopped turning its event loop, or died: not
+ready. The supervisor removes a dead worker's files as it reaps it.
 
 Why files and not prometheus-client's multiprocess mode: see docs/scaling.md (it drops the process_* collectors and
 ``Gauge.set_function``, and sums away which worker holds which clients).
