@@ -72,8 +72,8 @@ class WebSocketTransport:
 
     name = "websocket"
     unidirectional = False
-    __slots__ = ("_close_timer", "_keepalive", "_metrics", "_ping", "_ping_sent_at", "_stall_timer", "hub", "latency",
-                 "paused", "peer", "session", "settings", "transport", "ws")
+    __slots__ = ("_close_timer", "_fragments", "_keepalive", "_metrics", "_ping", "_ping_sent_at", "_stall_timer",
+                 "hub", "latency", "paused", "peer", "session", "settings", "transport", "ws")
 
     def __init__(
         self, transport: asyncio.Transport, ws: ServerProtocol, hub: Hub, settings: ServerConfig, metrics: Metrics,
@@ -90,6 +90,7 @@ class WebSocketTransport:
         self._close_timer: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping: bytes | None = None
+        self._fragments: list[bool | bytes] | None = None  # a fragmented message: is it text, then its parts
         self._ping_sent_at = 0.0
         self.latency = 0.0  # the last keepalive round trip, seconds
         self.session: Session | None = None
@@ -148,14 +149,27 @@ class WebSocketTransport:
         if session is None or self.ws.state is not State.OPEN:
             return
         opcode = frame.opcode
-        if opcode is Opcode.TEXT:
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
+            # Fragments are put back together; websockets' protocol bounds the whole message by max_size (1009).
+            if opcode is not Opcode.CONT:
+                self._fragments = [opcode is Opcode.TEXT]
+            elif self._fragments is None:
+                return  # a continuation of nothing: the protocol has failed the connection already
+            self._fragments.append(bytes(frame.data))
             if not frame.fin:
-                self.close(CloseCode.POLICY_VIOLATION, "fragmented messages are not supported")
                 return
-            if not self.hub.receive(session, bytes(frame.data).decode("utf-8", "replace")):
-                self._rate_close()
-        elif opcode is Opcode.BINARY or opcode is Opcode.CONT:
-            if not self.hub.receive(session, b"binary"):
+            is_text, *parts = self._fragments
+            self._fragments = None
+            data = b"".join(parts)  # type: ignore[arg-type]
+            if not is_text:
+                message: str | bytes = data
+            else:
+                try:
+                    message = data.decode()
+                except UnicodeDecodeError:
+                    self.close(CloseCode.INVALID_DATA, "invalid UTF-8 in a text frame")
+                    return
+            if not self.hub.receive(session, message):
                 self._rate_close()
         elif opcode is Opcode.PING:
             # websockets answers pings itself; a flood of them counts against the rate like any frame.
