@@ -184,7 +184,9 @@ class Listener:
                 held = up_since is not None and time.monotonic() - up_since >= self.settings.heartbeat_interval_s
                 failures = 0 if held else failures + 1
                 wait_s = self._retry_wait_s(failures, error, was_up=up_since is not None)
-                if error is not None and not self._closing:
+                if self._closing:
+                    break
+                if error is not None:
                     self._note_failure(error, was_up=up_since is not None, wait_s=wait_s)
                 if wait_s:
                     await asyncio.sleep(wait_s)
