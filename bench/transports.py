@@ -1,18 +1,19 @@
 """Scenario: idle commit-to-client latency over websocket, SSE and NDJSON, side by side in one run.
 
-One relay (a separate process), one channel, a few ``*`` followers on each transport, each transport's followers in
-a client process of their own; lone notifications, each more than a window after the last (so the leading edge
-sends each at once), from one generator connection. A notification counts as delivered to a follower by the first
-frame carrying its key with a payload ``n`` at least its own (as in ``latency.py``). Target: SSE and NDJSON within
-1.2x of the websocket, at p50 and at p99.
+One relay (a separate process), one channel, a few ``*`` followers on each transport; lone notifications, each
+more than a window after the last (so the leading edge sends each at once), from one generator connection. A
+notification counts as delivered to a follower by the first frame carrying its key with a payload ``n`` at least
+its own (as in ``latency.py``). Target: SSE and NDJSON within 1.2x of the websocket, at p50 and at p99.
 
-Every client stamps a frame when its bytes are read (``data_received``): websockets' sans-I/O client for /ws, and
-h11 (HTTP/1.1, chunked) for /sse and /stream, so that no transport's client does more work than another's before
-the stamp. By default every follower lives in one client process, connected in a shuffled order (``--seed``):
-one wake-up reads the frame on every transport, so that on a small machine the scheduler's choice of which client
-process runs first is not measured as a transport's latency (``--client-processes 3`` gives each transport its
-own). Besides the ratios of percentiles, the JSON has a paired figure: for each notification, the median
-follower's arrival on SSE (NDJSON) minus on the websocket, in which the generator's and the machine's noise cancel.
+The followers are as alike as can be: websockets' sans-I/O client for /ws, h11 (HTTP/1.1, chunked) for /sse and
+/stream, all in one client process by default (``--client-processes 3``: one per transport), connected in a
+shuffled order (``--seed``). Each stamps its bytes when they are read and parses them in a later callback, so that
+when one wake-up finds every socket readable, no transport is stamped late for parsing the others' frames.
+
+Besides the ratios of percentiles, the JSON has a paired figure: for each notification, the median follower's
+arrival on SSE (NDJSON) minus on the websocket, in which the generator's and the machine's noise cancel; and the
+fan-out spread (first to last arrival of a notification over every follower), the scale of the order in which the
+relay writes to its clients.
 """
 
 from __future__ import annotations
@@ -33,161 +34,177 @@ CHANNEL = "bench_transports"
 STREAM_PATHS = {"sse": "/sse", "ndjson": "/stream"}
 
 
-class _StreamClient(asyncio.Protocol):
-    """One /sse or /stream response read with h11; each notify frame noted as (arrival, {key: n})."""
+class _Follower(asyncio.Protocol):
+    """One ``*`` follower. ``data_received`` only stamps the bytes and queues them; they are parsed in a later
+    callback. So when one wake-up of the client finds every transport's socket readable, every socket is stamped
+    before any is parsed, and a transport is not measured late for the parsing of the others."""
 
-    def __init__(self, framing: str, target: str, host: str, index: int, clients: _StreamClients) -> None:
-        import h11
-
-        self.h11 = h11.Connection(h11.CLIENT)
-        self.framing = framing
-        self.target = target
-        self.host = host
+    def __init__(self, name: str, url: str, index: int, followers: _Followers) -> None:
+        self.name = name
+        self.url = url
         self.index = index
-        self.clients = clients
-        self.buffer = b""
-        self.separator = b"\n\n" if framing == "sse" else b"\n"
+        self.followers = followers
         self.transport: Any = None
         self.opening = ["welcome", "ack"]
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+
+    def data_received(self, data: bytes) -> None:
+        self._loop.call_soon(self.process, time.monotonic(), data)
+
+    def process(self, arrival: float, data: bytes) -> None:
+        raise NotImplementedError
+
+    def frame(self, arrival: float, data: bytes) -> None:
+        """One frame's JSON: the opening frames make the follower ready; notify frames are noted."""
+        frame = self.followers.decode(data)
+        kind = frame.get("type")
+        if self.opening:
+            if kind != self.opening.pop(0) and not self.ready.done():
+                self.ready.set_exception(RuntimeError(f"{self.name}: unexpected {kind} frame while connecting"))
+            if not self.opening and not self.ready.done():
+                self.ready.set_result(None)
+        elif kind == "notify":
+            payloads = frame.get("payloads") or {}
+            self.followers.per_conn[self.name][self.index].append(
+                (arrival, {k: (v.get("n") if isinstance(v, dict) else v) for k, v in payloads.items()})
+            )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.followers.closed[self.name] += 1
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"{self.name}: connection lost while connecting"))
+
+
+class _WebSocketFollower(_Follower):
+    """/ws with websockets' sans-I/O ``ClientProtocol`` (it answers the relay's pings)."""
+
+    def __init__(self, name: str, url: str, index: int, followers: _Followers) -> None:
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        super().__init__(name, url, index, followers)
+        self.protocol = ClientProtocol(parse_uri(url), max_size=2**24)
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.protocol.send_request(self.protocol.connect())
+        self._flush()
+
+    def process(self, arrival: float, data: bytes) -> None:
+        from websockets.frames import Frame, Opcode
+
+        self.protocol.receive_data(data)
+        for event in self.protocol.events_received():
+            if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
+                self.frame(arrival, bytes(event.data))
+        if self.protocol.handshake_exc is not None and not self.ready.done():
+            self.ready.set_exception(self.protocol.handshake_exc)
+        self._flush()
+
+    def _flush(self) -> None:
+        for data in self.protocol.data_to_send():
+            if data and self.transport is not None and not self.transport.is_closing():
+                self.transport.write(data)
+
+
+class _StreamFollower(_Follower):
+    """/sse or /stream read with h11 (HTTP/1.1, chunked)."""
+
+    def __init__(self, name: str, url: str, index: int, followers: _Followers) -> None:
+        import h11
+
+        super().__init__(name, url, index, followers)
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.buffer = b""
+        self.separator = b"\n\n" if name == "sse" else b"\n"
 
     def connection_made(self, transport: Any) -> None:
         import h11
 
         self.transport = transport
-        transport.write(self.h11.send(h11.Request(method="GET", target=self.target, headers=[("Host", self.host)])))
+        parts = urlsplit(self.url)
+        request = h11.Request(method="GET", target=f"{parts.path}?{parts.query}", headers=[("Host", parts.netloc)])
+        transport.write(self.h11.send(request))
         transport.write(self.h11.send(h11.EndOfMessage()))
 
-    def data_received(self, data: bytes) -> None:
+    def process(self, arrival: float, data: bytes) -> None:
         import h11
 
-        arrival = time.monotonic()
         self.h11.receive_data(data)
         while True:
             event = self.h11.next_event()
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 break
             if isinstance(event, h11.Response) and event.status_code != 200 and not self.ready.done():
-                self.ready.set_exception(RuntimeError(f"{self.target}: HTTP {event.status_code}"))
+                self.ready.set_exception(RuntimeError(f"{self.url}: HTTP {event.status_code}"))
             elif isinstance(event, h11.Data):
                 self.buffer += bytes(event.data)
                 while self.separator in self.buffer:
                     block, self.buffer = self.buffer.split(self.separator, 1)
-                    self._block(arrival, block)
+                    if self.name == "sse":  # the data: line; the retry: line and keepalive comments have none
+                        block = next((line[6:] for line in block.split(b"\n") if line.startswith(b"data: ")), b"")
+                    if block:
+                        self.frame(arrival, block)
             elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                self.clients.closed[self.framing] += 1
                 break
 
-    def _block(self, arrival: float, block: bytes) -> None:
-        if self.framing == "sse":
-            data = next((line[6:] for line in block.split(b"\n") if line.startswith(b"data: ")), None)
-            if data is None:  # the retry: line, a keepalive comment
-                return
-        else:
-            data = block
-        frame = self.clients.decode(data)
-        kind = frame.get("type")
-        if self.opening:
-            if kind != self.opening.pop(0) and not self.ready.done():
-                self.ready.set_exception(RuntimeError(f"unexpected {kind} frame while connecting"))
-            if not self.opening and not self.ready.done():
-                self.ready.set_result(None)
-        elif kind == "notify":
-            payloads = frame.get("payloads") or {}
-            self.clients.per_conn[self.index].append(
-                (arrival, {k: (v.get("n") if isinstance(v, dict) else v) for k, v in payloads.items()})
-            )
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.ready.done():
-            self.ready.set_exception(ConnectionError("connection lost while connecting"))
+FOLLOWERS: dict[str, type[_Follower]] = {"websocket": _WebSocketFollower, "sse": _StreamFollower,
+                                         "ndjson": _StreamFollower}
 
 
-class _StreamClients:
-    """The SSE or NDJSON followers of one client process."""
+class _Followers:
+    """The followers of one client process, on one or more transports, and what they received."""
 
-    def __init__(self, framing: str) -> None:
+    def __init__(self) -> None:
         import msgspec
 
         self.decode = msgspec.json.Decoder().decode
-        self.framing = framing
-        self.connections: list[_StreamClient] = []
-        self.per_conn: dict[int, list[tuple[float, dict[str, Any]]]] = defaultdict(list)
+        self.connections: list[_Follower] = []
+        self.per_conn: dict[str, dict[int, list[tuple[float, dict[str, Any]]]]] = defaultdict(
+            lambda: defaultdict(list))
         self.closed: defaultdict[str, int] = defaultdict(int)
 
-    async def connect(self, urls: list[str], concurrency: int, timeout: float) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        started = time.monotonic()
-        for url in urls:
-            parts = urlsplit(url)
-            index = len(self.connections)
-            client = _StreamClient(self.framing, f"{parts.path}?{parts.query}", parts.netloc, index, self)
-            await loop.create_connection(functools.partial(_same, client), parts.hostname or "127.0.0.1",
-                                         parts.port or 80)
-            async with asyncio.timeout(timeout):
-                await client.ready
-            self.connections.append(client)
-        return {"ok": len(self.connections), "failed": 0, "errors": {}, "seconds": round(time.monotonic() - started, 3)}
-
-    async def collect(self) -> dict[str, Any]:
-        return {"per_conn": dict(self.per_conn), "closed": dict(self.closed)}
-
-    async def close(self) -> None:
-        for client in self.connections:
-            if client.transport is not None:
-                client.transport.abort()
-
-
-def _same(client: _StreamClient) -> _StreamClient:
-    """The protocol factory of an already built client."""
-    return client
-
-
-def stream_client_worker(conn: Any, lifetime_s: float, framing: str) -> None:
-    bl.raise_nofile()
-    clients = _StreamClients(framing)
-    bl._serve(conn, lifetime_s, {"connect": clients.connect, "collect": clients.collect}, clients.close)
-
-
-class _AllClients:
-    """Followers on every transport in one process: websockets' sans-I/O client and the h11 stream clients."""
-
-    def __init__(self) -> None:
-        self.websocket = bl._Clients("payload", "sansio")
-        self.streams = {name: _StreamClients(name) for name in STREAM_PATHS}
-
     async def connect(self, urls: dict[str, str], followers: int, timeout: float, seed: int) -> dict[str, Any]:
-        """Open ``followers`` connections per transport, in a shuffled order: the relay writes a batch to its
+        """Open ``followers`` connections per transport in a shuffled order: the relay writes a batch to its
         followers in an order of its own (a set), and a transport whose followers all came first (or last) would
         be measured early (or late) by that much."""
+        loop = asyncio.get_running_loop()
         started = time.monotonic()
         order = [name for name in urls for _ in range(followers)]
         random.Random(seed).shuffle(order)
+        counts: defaultdict[str, int] = defaultdict(int)
         for name in order:
-            if name == "websocket":
-                answer = await self.websocket.connect([urls[name]], 1, timeout)
-                if answer["failed"]:
-                    raise RuntimeError(f"websocket: {answer['errors']}")
-            else:
-                await self.streams[name].connect([urls[name]], 1, timeout)
+            url = urls[name]
+            follower = FOLLOWERS[name](name, url, counts[name], self)
+            counts[name] += 1
+            parts = urlsplit(url)
+            await loop.create_connection(functools.partial(_same, follower), parts.hostname or "127.0.0.1",
+                                         parts.port or 80)
+            async with asyncio.timeout(timeout):
+                await follower.ready
+            self.connections.append(follower)
         return {"seconds": round(time.monotonic() - started, 3), "order": order}
 
     async def collect(self) -> dict[str, Any]:
-        collected = {"websocket": await self.websocket.collect()}
-        for name, clients in self.streams.items():
-            collected[name] = await clients.collect()
-        return collected
+        return {"per_conn": {name: dict(conns) for name, conns in self.per_conn.items()}, "closed": dict(self.closed)}
 
     async def close(self) -> None:
-        await self.websocket.close()
-        for clients in self.streams.values():
-            await clients.close()
+        for follower in self.connections:
+            if follower.transport is not None:
+                follower.transport.abort()
 
 
-def all_clients_worker(conn: Any, lifetime_s: float) -> None:
+def _same(follower: _Follower) -> _Follower:
+    """The protocol factory of an already built follower."""
+    return follower
+
+
+def followers_worker(conn: Any, lifetime_s: float) -> None:
     bl.raise_nofile()
-    clients = _AllClients()
-    bl._serve(conn, lifetime_s, {"connect": clients.connect, "collect": clients.collect}, clients.close)
+    followers = _Followers()
+    bl._serve(conn, lifetime_s, {"connect": followers.connect, "collect": followers.collect}, followers.close)
 
 
 def first_arrivals(per_conn: dict[int, list[tuple[float, dict[str, Any]]]]) -> dict[str, float]:
@@ -225,33 +242,25 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         query = urlencode({"channel": CHANNEL})
         urls = {"websocket": stack.ws_url(CHANNEL),
                 **{name: f"http://127.0.0.1:{stack.ports[0]}{path}?{query}" for name, path in STREAM_PATHS.items()}}
-        workers: list[bl.Worker]
-        if args.client_processes == 1:
-            workers = [bl.Worker(all_clients_worker, name="clients", lifetime_s=lifetime)]
-        else:
-            workers = [
-                bl.start_clients(1, "payload", lifetime_s=lifetime, name="ws-clients", impl="sansio")[0],
-                *(bl.Worker(stream_client_worker, name, name=f"{name}-clients", lifetime_s=lifetime)
-                  for name in STREAM_PATHS),
-            ]
+        # One client process for every follower (default), or one per transport.
+        groups = [urls] if args.client_processes == 1 else [{name: url} for name, url in urls.items()]
+        workers = [bl.Worker(followers_worker, name=f"clients-{i}", lifetime_s=lifetime) for i in range(len(groups))]
         generators = bl.start_generators(1, stack.dsn, connections=1, lifetime_s=lifetime)
         with bl.workers_stopped([*workers, *generators]):
-            if len(workers) == 1:
-                result["connect_order"] = workers[0].call("connect", urls, followers, 30.0, args.seed,
-                                                          timeout=60)["order"]
-            else:
-                for worker, name in zip(workers, urls, strict=True):
-                    worker.call("connect", [urls[name]] * followers, 16, 30.0, timeout=60)
+            orders = bl.call_all(workers, [("connect", group, followers, 30.0, args.seed) for group in groups], 60)
+            result["connect_order"] = [name for answer in orders for name in answer["order"]]
             answer = generators[0].call(
                 "lone", {"channel": CHANNEL, "count": count, "interval": 0.25, "jitter": 0.05, "json": True,
                          "prefix": "idle", "seed": 1},
                 timeout=count * 0.3 + 60,
             )
             time.sleep(0.5)
-            if len(workers) == 1:
-                collected = workers[0].call("collect")
-            else:
-                collected = {name: worker.call("collect") for worker, name in zip(workers, urls, strict=True)}
+            collected: dict[str, Any] = {name: {"per_conn": {}} for name in urls}
+            for got in bl.call_all(workers, ("collect",), 60):
+                for name, per_conn in got["per_conn"].items():
+                    collected[name] = {"per_conn": per_conn}
+                if any(got["closed"].values()):
+                    result.setdefault("closed_early", {}).update(got["closed"])
         summaries: dict[str, dict[str, Any]] = {}
         every = {key: list(range(followers)) for key, *_ in answer["records"]}
         for name, got in collected.items():
