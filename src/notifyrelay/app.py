@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from .config import Config, dsn_password, load_config, resolve_dsn
+from .config import Config, check_dsn, dsn_password, load_config, resolve_dsn
 from .delivery.hub import Hub
 from .exceptions import ConfigError
 from .ops import log as logging_setup
@@ -25,6 +25,7 @@ from .ops.worker_reports import WorkerReporter, join_supervisor, relay_metrics, 
 from .pipeline.coalescer import Coalescer
 from .pipeline.ingest import IngestQueue
 from .pipeline.listener import Listener
+from .pipeline.state import StatePool, channel_states, watch_stalls
 from .pipeline.streams import Pipeline
 from .transports.http import RelayServer
 
@@ -53,9 +54,15 @@ class Relay:
         self.queue = IngestQueue(config.listener.queue_size)
         self.metrics.ingest_queue_depth.set_function(lambda: len(self.queue))
         self.hub = Hub(config.server, names, self.metrics, instance=self.instance, window_ms=config.coalesce.window_ms)
-        self.pipeline = Pipeline(config.channels, history=config.history, delivery=self.hub, metrics=self.metrics)
+        # State channels fetch rows on their own small pool (never the LISTEN connection).
+        state_dsn = self.state_dsn = resolve_state_dsn(config, dsn)
+        logging_setup.register_secret(dsn_password(state_dsn))
+        self.state_pool = StatePool(state_dsn, config.state.pool_size, self.metrics)
+        self.states = channel_states(config.channels, self.state_pool, self.metrics)
+        self.pipeline = Pipeline(config.channels, history=config.history, delivery=self.hub, metrics=self.metrics,
+                                 states=dict(self.states))
         self.hub.request = self.pipeline.request  # snapshot and replay requests go back up to the channel's stream
-        self.hub.stateful.update(self.pipeline.stateful())
+        self.hub.set_channels(names, self.pipeline.stateful(), progress=_progress_channels(config))
         self.coalescer = Coalescer(config.channels, config.coalesce, self.queue, self.pipeline, self.metrics)
         # systemd (Type=notify) hears READY=1 when the listener is first up, STATUS= on every change after.
         self.systemd = SystemdNotifier.from_environ()
@@ -73,6 +80,7 @@ class Relay:
 
     async def run(self) -> None:
         """Serve until ``request_stop()``, then shut down in order. A crashed stage raises out of here."""
+        await self.state_pool.start()
         await self.server.start()
         log.info("relay.started", url=self.server.url, admin_port=self.server.admin_port, instance=self.instance,
                  channels=self.hub.channels, window_ms=self.config.coalesce.window_ms)
@@ -82,6 +90,8 @@ class Relay:
                     group.create_task(self.listener.run(), name="listener"),
                     group.create_task(self.coalescer.run(), name="coalescer"),
                     group.create_task(self.pipeline.run(), name="pipeline"),
+                    group.create_task(self._check_states(self.config), name="state_check"),
+                    group.create_task(watch_stalls(lambda: self.states, self.pipeline.restate), name="stalls"),
                     group.create_task(self.systemd.watchdog(), name="watchdog"),
                     group.create_task(WorkerReporter(self.readiness, self.metrics, on_orphaned=self.request_stop)
                                       .run(), name="worker_reports"),
@@ -93,6 +103,7 @@ class Relay:
                     stage.cancel()
         finally:
             await self.listener.close()
+            await self.state_pool.close()
             await self.server.close()
             self.systemd.close()
         log.info("relay.stopped")
@@ -154,14 +165,44 @@ class Relay:
         logging_setup.set_level(new.log.level)
         names = [c.name for c in new.channels]
         self.hub.settings = new.server
-        self.pipeline.set_channels(new.channels, {})
-        self.hub.set_channels(names, self.pipeline.stateful())
+        self.states = channel_states(new.channels, self.state_pool, self.metrics, previous=self.states)
+        self.pipeline.set_channels(new.channels, dict(self.states))
+        self.hub.set_channels(names, self.pipeline.stateful(), progress=_progress_channels(new))
         self.coalescer.set_channels(new.channels)
         self.listener.settings = new.listener
         await self.listener.set_channels(names)
         self.server.config = self.config = new
         log.info("relay.reloaded", channels=names)
+        await self._check_states(new)
         return True
+
+    async def _check_states(self, config: Config) -> None:
+        """Ask PostgreSQL whether each state query can work; a channel whose query cannot (unknown table or
+        column, no key column, no grant) runs keys-only until a reload fixes it, and the log says why."""
+        broken = []
+        for name, state in list(self.states.items()):
+            problem = await state.check()
+            if problem is not None:
+                log.error("state.channel_keys_only", channel=name, problem=problem,
+                          fix="correct [channels.state] (or the role's grants) and reload (SIGHUP)")
+                broken.append(name)
+        if broken and config is self.config:
+            working = {name: state for name, state in self.states.items() if name not in broken}
+            self.pipeline.set_channels(config.channels, working)
+            self.hub.set_channels([c.name for c in config.channels], self.pipeline.stateful(),
+                                  progress=_progress_channels(config) - set(broken))
+
+
+def _progress_channels(config: Config) -> set[str]:
+    return {c.name for c in config.channels if c.state is not None and c.progress is not None}
+
+
+def resolve_state_dsn(config: Config, main_dsn: str) -> str:
+    """The DSN of the state pool: ``[state] dsn``, else the main one. Checked like the main one (exit 2)."""
+    if not config.state.dsn:
+        return main_dsn
+    check_dsn(config.state.dsn, "state.dsn")
+    return config.state.dsn
 
 
 # What a running relay cannot change (sockets and their options, the queue, the coalescer's windows, the keys):

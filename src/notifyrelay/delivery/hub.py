@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +47,7 @@ class Hub:
         self.index: SubscriptionIndex[Session] = SubscriptionIndex()
         self.transports: dict[Session, Transport] = {}
         self.stateful: set[str] = set()  # state channels: catch-ups are refetches; shared with every session
+        self.progress_channels: set[str] = set()  # state channels with [channels.progress]
         self.listener_is_up = False
         # Snapshot and replay requests go back up to the channel's stream (app.py wires Pipeline.request here).
         self.request: Callable[[Session, Refresh], None] = lambda session, refresh: None
@@ -160,11 +161,13 @@ class Hub:
             self._metrics.limit_hits[exc.limit].inc()
         self.send(session, "error", protocol.error(exc.code, exc.message, exc.request_id))
 
-    def set_channels(self, channels: Iterable[str], stateful: Iterable[str]) -> None:
-        """Adopt a new channel list (reload); subscribers of a removed channel are told with an error frame."""
+    def set_channels(self, channels: Iterable[str], stateful: Iterable[str], *, progress: Iterable[str] = ()) -> None:
+        """Adopt a channel list (start, reload); subscribers of a removed channel are told with an error frame.
+        ``stateful``: channels whose rows are fetched; ``progress``: those with progress (``until=done``)."""
         self.channels = list(channels)
         self.stateful.clear()
         self.stateful.update(stateful)
+        self.progress_channels = set(progress) & self.stateful
         for session in list(self.transports):
             for channel in [c for c in session.follows if c not in self.channels]:
                 self.index.discard(session, channel, session.forget_channel(channel))
@@ -215,10 +218,26 @@ class Hub:
                     channel, batch.seq, batch.ts, keys, batch.payloads, state=batch.state,
                 ), batch.ts)
             self._write(session, frame)
+            if session.done is not None and batch.state is not None and batch.state.progress:
+                self._note_progress(session, channel, batch.state.progress)
 
-    def send(self, session: Session, kind: str, body: bytes, ts: int | None = None) -> None:
-        """Write one frame of type ``kind`` to one client now."""
+    def send(
+        self, session: Session, kind: str, body: bytes, ts: int | None = None, *, channel: str = "",
+        progress: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write one frame of type ``kind`` to one client now (``progress``: what it says of ``channel``'s keys,
+        for ``until=done``)."""
         self._write(session, OutFrame(kind, body, ts))
+        if progress and session.done is not None:
+            self._note_progress(session, channel, progress)
+
+    def _note_progress(self, session: Session, channel: str, progress: Mapping[str, Any]) -> None:
+        followed = session.followed(channel)
+        mine = progress if protocol.WILDCARD in followed else {k: v for k, v in progress.items() if k in followed}
+        if session.note_progress(channel, mine):
+            transport = self.transports.get(session)
+            if transport is not None:
+                transport.close(1000, "done: every followed key reached a terminal status")
 
     def _write(self, session: Session, frame: OutFrame) -> None:
         transport = self.transports.get(session)

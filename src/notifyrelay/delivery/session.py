@@ -74,7 +74,8 @@ class Pending:
 class Session:
     """A client's subscriptions, grant, rate limit and folded pending keys; events in, frames out."""
 
-    __slots__ = ("__weakref__", "follows", "grants", "id", "pending", "rate", "stalled", "stateful", "transport")
+    __slots__ = ("__weakref__", "done", "follows", "grants", "id", "pending", "rate", "stalled", "stateful",
+                 "transport")
 
     def __init__(
         self, *, grants: Grants | None, rate_per_s: float, burst: int, now: float, stateful: Collection[str] = (),
@@ -88,6 +89,7 @@ class Session:
         self.pending: dict[str, Pending] = {}
         self.rate = RateLimit(rate_per_s, burst, now)
         self.stalled = False  # the transport's write buffer is above its high-water mark
+        self.done: dict[str, dict[str, bool]] | None = None  # until=done: per channel, key -> reached a terminal status
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.transport}>"
@@ -140,6 +142,23 @@ class Session:
 
     def followed(self, channel: str) -> frozenset[str]:
         return frozenset(self.follows.get(channel, ()))
+
+    def note_progress(self, channel: str, progress: Mapping[str, Any]) -> bool:
+        """``until=done``: remember which keys reached a terminal status; True once every key it follows has
+        (for ``*``: every key it has been told about, and at least one)."""
+        if self.done is None:
+            return False
+        marks = self.done.setdefault(channel, {})
+        for key, figures in progress.items():
+            marks[key] = bool(figures.get("terminal")) if isinstance(figures, Mapping) else False
+        for followed_channel, keys in self.follows.items():
+            seen = self.done.get(followed_channel, {})
+            if WILDCARD in keys:
+                if not seen or not all(seen.values()):
+                    return False
+            elif not all(seen.get(key) for key in keys):
+                return False
+        return True
 
     # Incoming frames.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
@@ -77,7 +77,10 @@ class Delivery(Protocol):
 
     def is_connected(self, session: Any) -> bool: ...
 
-    def send(self, session: Any, kind: str, body: bytes, ts: int | None = None) -> None: ...
+    def send(
+        self, session: Any, kind: str, body: bytes, ts: int | None = None, *, channel: str = "",
+        progress: Mapping[str, Any] | None = None,
+    ) -> None: ...
 
     def listener_down(self) -> None: ...
 
@@ -361,7 +364,8 @@ class ChannelStream:
                                    replay=plan.kind == "replay")
         else:
             return
-        self._delivery.send(session, kind, body, ts)
+        progress = source.progress if source is not None else None
+        self._delivery.send(session, kind, body, ts, channel=self.channel, progress=progress)
 
     def _now_ms(self) -> int:
         return max(int(self._wall_clock() * 1000), self.history.ts)
@@ -377,7 +381,7 @@ class Pipeline:
         history: HistoryConfig,
         delivery: Delivery,
         metrics: Metrics,
-        states: dict[str, StateSource] | None = None,
+        states: Mapping[str, StateSource] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._history_settings = history
@@ -390,7 +394,7 @@ class Pipeline:
         self._status_up: asyncio.Task[None] | None = None
         self.set_channels(channels, states or {})
 
-    def set_channels(self, channels: Iterable[ChannelConfig], states: dict[str, StateSource]) -> None:
+    def set_channels(self, channels: Iterable[ChannelConfig], states: Mapping[str, StateSource]) -> None:
         """Adopt a channel list (start, reload): new channels get a stream, removed ones stop after their queue."""
         wanted = {c.name for c in channels}
         for name in list(self.streams):
@@ -452,6 +456,14 @@ class Pipeline:
         if stream is not None:
             stream.history.gap(_ms(gap_end))
             stream.put(Gap(channel, "overflow", gap_start, gap_end))
+
+    def restate(self, channel: str, keys: list[str]) -> None:
+        """Keys whose progress became stalled: fetch and send them again (their frames now say so). Not a new
+        batch of the channel: it carries the newest seq, and a ts of its own."""
+        stream = self.streams.get(channel)
+        if stream is not None and keys:
+            ts = max(int(self._wall_clock() * 1000), stream.history.ts)
+            stream.put(Batch(channel=channel, seq=stream.history.seq, keys=list(keys), payloads=None, ts=ts))
 
     # The hub's requests.
 

@@ -297,10 +297,11 @@ class HttpConnection(asyncio.Protocol):
                             f"channel {subscribe.channel[:64]!r} is not relayed here; relayed channels: "
                             f"{', '.join(server.hub.channels)}")
                 return
-        if wanted.until_done:
+        no_progress = [s.channel for s in wanted.subscribes if s.channel not in server.hub.progress_channels]
+        if wanted.until_done and no_progress:
             self._error(HTTPStatus.BAD_REQUEST, "bad_request",
-                        "until=done needs progress settings ([channels.progress]) on the channel; this relay "
-                        "has none for it")
+                        f"until=done needs progress settings ([channels.progress], on a state channel) for "
+                        f"{no_progress[0]!r}, and this relay has none for it")
             return
         grant = getattr(admission, "grant", None)
         channels = grant.channels if grant else None
@@ -323,7 +324,7 @@ class HttpConnection(asyncio.Protocol):
         )
         if self._deadline is not None:
             self._deadline.cancel()
-        upgraded.start(head, channels, wanted.subscribes)
+        upgraded.start(head, channels, wanted.subscribes, until_done=wanted.until_done)
         if grant is not None:
             self._expire_at(grant.expires_at, upgraded)
 

@@ -56,12 +56,15 @@ class StreamTransport:
         self.session: Session | None = None
 
     def start(self, head: bytes, grant_channels: dict[str, frozenset[str] | None] | None,
-              subscribes: list[protocol.Subscribe]) -> Session:
-        """Write the response head, then the welcome and the URL's subscriptions."""
+              subscribes: list[protocol.Subscribe], *, until_done: bool = False) -> Session:
+        """Write the response head, then the welcome and the URL's subscriptions. With ``until_done`` the stream
+        ends (close code 1000) once every key it follows has reached a terminal status."""
         self.transport.write(head)
         if self.name == SSE:
             self._raw(b"retry: %d\n\n" % SSE_RETRY_MS)
         session = self.session = self.hub.open(self, grant_channels)
+        if until_done:
+            session.done = {}
         self._metrics.connections_opened.inc()
         for subscribe in subscribes:
             self.hub.execute(session, subscribe)
