@@ -111,7 +111,8 @@ async def test_a_client_only_ever_receives_rows_of_keys_its_token_allows(
     secret_file = tmp_path / "secret"
     secret_file.write_text(secret)
     mine, other = await add_activity(db), await add_activity(db)
-    relay = await make_relay(channels=[state_channel()], **{"auth.mode": "jwt", "auth.jwt_secret_file": str(secret_file)})
+    auth = {"auth.mode": "jwt", "auth.jwt_secret_file": str(secret_file)}
+    relay = await make_relay(channels=[state_channel()], **auth)
     token = jwt.encode({"exp": int(time.time()) + 60, "channels": {CHANNEL: [mine]}}, secret, algorithm="HS256")
     client = await make_client(relay, f"?channel={CHANNEL}&key={mine}",
                                additional_headers={"Authorization": f"Bearer {token}"})
@@ -280,7 +281,8 @@ async def test_rows_never_go_backwards_while_clients_subscribe_resume_and_reconn
         await work
     assert not violations, violations[:5]
     # And after the dust settles, a fresh client sees exactly the database's values.
-    final = {str(r["id"]): r["objects_processed"] for r in await db.fetch("SELECT id, objects_processed FROM activities")}
+    rows = await db.fetch("SELECT id, objects_processed FROM activities")
+    final = {str(row["id"]): row["objects_processed"] for row in rows}
     async with connect(relay.server.url + f"?channel={CHANNEL}" + "".join(f"&key={k}" for k in keys)) as connection:
         while (frame := msgspec.json.decode(await asyncio.wait_for(connection.recv(), 5)))["type"] != "snapshot":
             pass
