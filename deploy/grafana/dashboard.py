@@ -134,8 +134,8 @@ def build() -> dict[str, Any]:
             [(f"{rate('notifications_coalesced_total', 'channel')} / {rate('notifications_received_total', 'channel')}",
               "{{channel}}")], x=16, unit="percentunit", min_=0, max_=1)
     d.next_line()
-    d.panel("timeseries", "Frames sent", "Frames written to clients per second, by type.",
-            [(rate("messages_sent_total", "type"), "{{type}}")], x=0, unit="ops")
+    d.panel("timeseries", "Frames sent", "Frames written to clients per second, by type and transport.",
+            [(rate("messages_sent_total", "type, transport"), "{{type}} {{transport}}")], x=0, unit="ops")
     d.panel("timeseries", "Bytes sent", "Bytes of frames written to clients per second, by frame type.",
             [(rate("bytes_sent_total", "type"), "{{type}}")], x=8, unit="Bps")
     d.panel("timeseries", "Dropped or overflowed", "Notifications without a usable key (bad payloads) and ingest "
@@ -183,9 +183,28 @@ def build() -> dict[str, Any]:
             [(series("ingest_queue_depth"), "{{instance}}")], x=12, w=12)
     d.next_line()
 
+    d.row("Live state and resume")
+    d.panel("timeseries", "State queries", "Per channel and outcome, per second: at most one per channel per "
+            "window whatever the number of clients, none while nothing changes. Rows left out reach no client.",
+            [(rate("state_queries_total", "channel, outcome"), "{{channel}} {{outcome}}"),
+             (rate("state_rows_dropped_total", "channel, reason"), "dropped {{channel}} {{reason}}")],
+            x=0, unit="ops")
+    d.panel("timeseries", "State query latency (p99)", "Per channel, pool wait included; past timeout_ms a batch "
+            "goes out keys-only with state_error.",
+            [(quantile(0.99, "state_query_seconds", "channel"), "{{channel}}")], x=8, unit="s")
+    d.panel("timeseries", "Snapshots, resumes, stalls", "Snapshots sent per channel; resumes by outcome (replayed, "
+            "snapshot, resync); keys remembered for resume; active keys that are stalled.",
+            [(rate("snapshots_total", "channel"), "snapshots {{channel}}"),
+             (rate("resumes_total", "outcome"), "resume {{outcome}}"),
+             (f"sum by (channel) ({series('history_keys')})", "history {{channel}}"),
+             (f"sum by (channel) ({series('stalled_keys')})", "stalled {{channel}}")], x=16)
+    d.next_line()
+
     d.row("Clients")
-    d.panel("timeseries", "Clients and subscriptions", "Connected clients, and subscriptions (a key or *) per "
-            "channel.", [(f"sum({series('clients')})", "clients"),
+    d.panel("timeseries", "Clients and subscriptions", "Connected clients by transport, relay processes (workers), "
+            "and subscriptions (a key or *) per channel.",
+            [(f"sum by (transport) ({series('clients')})", "clients {{transport}}"),
+             (f"sum({series('workers')})", "workers"),
                          (f"sum by (channel) ({series('subscriptions')})", "subscriptions {{channel}}")], x=0)
     d.panel("timeseries", "Connections opened and closed", "Per second; closes by close code (1000 normal, 1001 "
             "going away, 1006 abnormal, 1008 policy, 4000 too slow ...).",
