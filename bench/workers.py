@@ -129,6 +129,7 @@ def fanout(workers: int, args: argparse.Namespace) -> dict[str, Any]:
             bl.connect_clients(clients, urls, timeout=120)
             time.sleep(1)
             bl.call_all(clients, ("reset",), timeout=30)
+            time.sleep(1.5)  # as below: every worker's exposition fresh
             before, cpu_before, started = stack.metrics(), stack.cpu_seconds(), time.monotonic()
             generators[0].call(
                 "paced", {"channel": channel, "rate": args.rate, "duration": args.seconds, "batch": 100,
@@ -137,9 +138,9 @@ def fanout(workers: int, args: argparse.Namespace) -> dict[str, Any]:
             )
             wall = time.monotonic() - started
             cpu = (stack.cpu_seconds() - cpu_before) / wall
+            time.sleep(1.5)  # every worker's exposition rewritten since (they are up to a second old)
             after = stack.metrics()
             written = notify_frames(after) - notify_frames(before)
-            time.sleep(1)
             received = sum(a["frames"] for a in bl.call_all(clients, ("collect",), timeout=60))
             return {"workers": workers, "deliveries_per_s": round(written / wall),
                     "relay_cpu_percent": round(cpu * 100, 1),
