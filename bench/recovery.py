@@ -167,6 +167,7 @@ async def measure(stack: bl.Stack, outages: list[float]) -> list[dict[str, Any]]
 
 def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     outages = [2.0, 5.0] if args.quick else [float(s) for s in args.outages.split(",")]
+    outages = [outage for outage in outages for _ in range(args.repeat)]
     result["config"] = {"outages_s": outages, "listener": "defaults (probe_interval_s 0.5, reconnect_max_s 10)",
                         "readyz_poll_ms": 10, "notify_every_ms": 20}
     with bl.Stack("recovery", [{"name": CHANNEL}], window_ms=0) as stack:
@@ -175,18 +176,21 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     result["runs"] = runs
     result["listener_connect_attempts_total"] = bl.counter(metrics, "notifyrelay_listener_connect_attempts_total")
     figures: dict[str, Any] = {}
-    for run_ in runs:
-        label = f"{run_['outage_s']:g}s"
-        figures[f"outage_{label}_readyz"] = bl.figure(run_["accepting_to_readyz_200_ms"] / 1000, "s", TARGET_S)
-        figures[f"outage_{label}_first_delivered"] = bl.figure(
-            run_["accepting_to_first_delivered_ms"] / 1000, "s", TARGET_S)
+    for outage_s in dict.fromkeys(outages):  # the worst of the repeats of each outage length
+        these = [run_ for run_ in runs if run_["outage_s"] == outage_s]
+        note = f"worst of {len(these)}" if len(these) > 1 else None
+        for name, key in (("readyz", "accepting_to_readyz_200_ms"),
+                          ("first_delivered", "accepting_to_first_delivered_ms")):
+            worst = max(run_[key] for run_ in these) / 1000
+            figures[f"outage_{outage_s:g}s_{name}"] = bl.figure(worst, "s", TARGET_S, note=note)
     result["figures"] = figures
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--outages", default="2,20,60", help="outage lengths in seconds, comma-separated")
-    return bl.scenario_main("recovery", 400, run, parser)
+    parser.add_argument("--repeat", type=int, default=1, help="run each outage this many times (figures: the worst)")
+    return bl.scenario_main("recovery", 1800, run, parser)
 
 
 if __name__ == "__main__":

@@ -309,8 +309,10 @@ class Listener:
         try:
             _enable_keepalive(conn, settings)
             sql_ascii = conn.get_settings().server_encoding == "SQL_ASCII"
-            if sql_ascii:
-                payload_guard.install(conn, self._on_undecodable)
+            if sql_ascii and not payload_guard.install(conn, self._on_undecodable):
+                # Then a payload that is not UTF-8 costs the connection, as it would without the guard.
+                transport = type(getattr(conn, "_transport", None)).__name__
+                log.warning("listener.payload_guard_unavailable", transport=transport)
             self._conn = conn
             self._listened = set()
             conn.add_termination_listener(self._on_termination)
