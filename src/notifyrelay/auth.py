@@ -3,8 +3,10 @@
 A token is found in ``Authorization: Bearer``, in an offered ``Sec-WebSocket-Protocol`` value (browsers cannot set
 headers; the server selects that value in its answer) or in the ``token`` query parameter, in that order. It is
 verified against keys loaded once at startup: an HS256 secret (``auth.jwt_secret_file``), an RSA or EC public key
-in PEM (``auth.jwt_public_key_file``) or a JWKS (``auth.jwks_file``). ``exp`` is required, ``nbf`` honoured,
-``aud``/``iss`` checked when configured. The ``channels`` claim becomes the connection's grants::
+in PEM (``auth.jwt_public_key_file``) or a JWKS (``auth.jwks_file``). ``exp`` is required, ``nbf`` honoured, an
+``iat`` in the future refused (no leeway, as for ``nbf``: the issuer's clock and the relay's must agree), a time
+past the year 9999 refused, ``aud``/``iss`` checked when configured. The ``channels`` claim becomes the
+connection's grants::
 
     {"sub": "ui-7", "exp": 1790000000, "channels": {"activity_progress": ["42", "43"], "system_stability": "*"}}
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,8 @@ _EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES51
 _ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"})
 _SYMMETRIC = frozenset({"HS256", "HS384", "HS512"})
 MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash
+# 9999-12-31T23:59:59Z. A time claim past it is no time anyone means, and would overflow a float or a datetime.
+MAX_UNIX_TIME = 253_402_300_799
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +123,8 @@ class Authenticator:
                 algorithms=sorted(key.algorithms),
                 audience=settings.audience or None,
                 issuer=settings.issuer or None,
-                options={"require": ["exp"], "verify_aud": bool(settings.audience)},
+                # iat is checked below, so that a future one is refused with its own name (PyJWT says nbf).
+                options={"require": ["exp"], "verify_aud": bool(settings.audience), "verify_iat": False},
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("expired", "the token has expired") from None
@@ -137,10 +143,14 @@ class Authenticator:
             raise AuthError("signature", "the token's signature does not verify") from None
         except jwt.PyJWTError:
             raise AuthError("malformed", "the token is not a valid JWT") from None
+        expires_at = claimed_time(claims, "exp")
+        if "iat" in claims and claimed_time(claims, "iat") > time.time():
+            raise AuthError("not_yet_valid", "the token's iat (issued at) is in the future: its issuer's clock is "
+                            "ahead of this relay's")
         return Grant(
             subject=claims.get("sub") if isinstance(claims.get("sub"), str) else None,
             channels=grants_from_claim(claims.get(CHANNELS_CLAIM)),
-            expires_at=float(claims["exp"]),
+            expires_at=float(expires_at),
         )
 
     def _key_for(self, header: Mapping[str, Any]) -> _Key:
@@ -156,6 +166,19 @@ class Authenticator:
             if algorithm in key.algorithms:
                 return key
         raise AuthError("algorithm", "the token is signed with an algorithm this relay does not accept")
+
+
+def claimed_time(claims: Mapping[str, Any], name: str) -> int:
+    """A time claim as PyJWT reads it (a number, or digits in a string), or AuthError when it is not one or lies
+    past the year 9999 (``exp: 1e400`` as an integer: a float cannot hold it)."""
+    try:
+        value = int(claims[name])
+    except (TypeError, ValueError, OverflowError):
+        raise AuthError("claims", f'the token\'s "{name}" claim is not a Unix time') from None
+    if value > MAX_UNIX_TIME:
+        raise AuthError("claims", f'the token\'s "{name}" claim lies past the year 9999, which is not a time this '
+                        "relay accepts")
+    return value
 
 
 def grants_from_claim(claim: Any) -> dict[str, frozenset[str] | None]:

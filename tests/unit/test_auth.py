@@ -246,3 +246,39 @@ def test_a_repeated_authorization_header_is_refused_as_malformed() -> None:
     with pytest.raises(AuthError) as caught:
         find_token(headers, "/ws")
     assert caught.value.reason == "malformed"
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason", "names"),
+    [
+        ({"exp": 10**400}, "claims", '"exp"'),
+        ({"iat": 10**400}, "claims", '"iat"'),
+        ({"nbf": 10**400}, "not_yet_valid", "(nbf)"),
+        ({"exp": "soon"}, "malformed", "not a valid JWT"),
+        ({"iat": "soon"}, "claims", '"iat"'),
+    ],
+    ids=["exp-huge", "iat-huge", "nbf-huge", "exp-text", "iat-text"],
+)
+def test_time_claims_out_of_range_are_refused_with_a_sentence(
+    hs256: Authenticator, extra: dict[str, Any], reason: str, names: str
+) -> None:
+    """A validly signed token whose exp, iat or nbf is 10^400 or not a time is an AuthError naming it, never a crash."""
+    with pytest.raises(AuthError) as caught:
+        hs256.authenticate(jwt.encode(claims(**extra), SECRET, algorithm="HS256"))
+    assert (caught.value.reason, names in caught.value.message) == (reason, True), caught.value.message
+
+
+def test_an_iat_in_the_future_is_refused_naming_iat(hs256: Authenticator) -> None:
+    """A token issued an hour from now is refused as not yet valid with a message about iat, not nbf."""
+    with pytest.raises(AuthError) as caught:
+        hs256.authenticate(jwt.encode(claims(iat=int(time.time()) + 3600), SECRET, algorithm="HS256"))
+    assert caught.value.reason == "not_yet_valid"
+    assert "iat" in caught.value.message and "nbf" not in caught.value.message
+    grant = hs256.authenticate(jwt.encode(claims(iat=int(time.time()) - 5), SECRET, algorithm="HS256"))
+    assert grant.subject == "ui-7"  # an iat in the past is fine
+
+
+def test_an_exp_at_the_end_of_year_9999_is_accepted(hs256: Authenticator) -> None:
+    """The largest accepted exp is 9999-12-31T23:59:59Z, and it becomes the grant's expiry exactly."""
+    grant = hs256.authenticate(jwt.encode(claims(exp=253_402_300_799), SECRET, algorithm="HS256"))
+    assert grant.expires_at == 253_402_300_799.0
