@@ -199,7 +199,8 @@ function fillItem(item, entry) {
   item.querySelector(".count").textContent =
     progress?.done == null ? "" : progress.total ? `${fmt(progress.done)} / ${fmt(progress.total)}` : `${fmt(progress.done)} done`;
   item.querySelector(".percent").textContent = percent == null ? "" : `${percent.toFixed(1)}%`;
-  item.querySelector(".rate").textContent = progress?.rate_per_s == null ? "" : `${progress.rate_per_s.toFixed(1)}/s`;
+  item.querySelector(".rate").textContent =
+    progress?.rate_per_s == null || progress.terminal ? "" : `${progress.rate_per_s.toFixed(1)}/s`;
   item.querySelector(".eta").textContent =
     progress?.eta_s == null || progress.terminal ? "" : `ETA ${duration(progress.eta_s)}`;
 }
