@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CHANNEL = "activity_progress"
 
 
-def write_config(path: Path, dsn: str, channels: list[str], workers: int = 2) -> None:
+def write_config(path: Path, dsn: str, channels: list[str], workers: int = 2, admin: str = "") -> None:
     text = f'dsn = "{dsn}"\n[server]\nlisten = "127.0.0.1:0"\nworkers = {workers}\n'
+    text += f'[admin]\nlisten = "{admin}"\n' if admin else ""
     text += "[listener]\nheartbeat_interval_s = 1\nheartbeat_timeout_s = 1\nreconnect_max_s = 0.5\n"
     text += "[shutdown]\ntimeout_s = 5\n"
     for name in channels:
@@ -65,10 +66,10 @@ class Supervisor:
         self.url = self.events("supervisor.started")[0]["url"]
         self.port = int(self.url.split(":")[2].split("/")[0])
 
-    async def get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    async def get(self, path: str, timeout: float = 2.0, port: int | None = None) -> tuple[int, bytes]:
         """One HTTP/1.1 GET on the shared port (the kernel picks the worker that answers)."""
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port or self.port)
             try:
                 writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
                 response = await reader.read()
@@ -379,3 +380,24 @@ async def test_a_taken_port_stops_the_supervisor_with_status_1(tmp_path: Path, d
         )
     assert result.returncode == 1, result.stderr
     assert "supervisor.cannot_start" in result.stderr and "Address already in use" in result.stderr
+
+
+async def test_the_admin_port_is_shared_too(start_supervisor: Any, tmp_path: Path, database: Database) -> None:
+    """With [admin] listen on port 0, the supervisor reserves one real admin port for every worker: the probes there
+    answer for both workers, and the websocket port no longer serves them."""
+    config = tmp_path / "admin.toml"
+    write_config(config, database.dsn, [CHANNEL], admin="127.0.0.1:0")
+    supervisor: Supervisor = await start_supervisor(config)
+    admin = int(supervisor.events("supervisor.started")[0]["admin_listen"].rsplit(":", 1)[1])
+    async with asyncio.timeout(15):
+        while True:
+            with contextlib.suppress(OSError, TimeoutError):
+                status, body = await supervisor.get("/readyz", port=admin)
+                if status == 200:
+                    break
+            await asyncio.sleep(0.1)
+    assert [worker["ready"] for worker in msgspec.json.decode(body)["workers"]] == [True, True]
+    for _ in range(6):  # whichever worker answers
+        assert (await supervisor.get("/readyz"))[0] == 404
+        status, body = await supervisor.get("/metrics", port=admin)
+        assert status == 200 and b'notifyrelay_listener_up{worker="1"}' in body
