@@ -153,9 +153,11 @@ class Listener:
         try:
             while not self._closing:
                 up_since: float | None = None
+                listening = False
                 error: Exception | None = None
                 try:
                     conn = await self._connect_and_listen()
+                    listening = True
                     gap_end = time.time()  # LISTEN is in force from here on
                     try:
                         gap_start = self._last_proof  # only proofs while up count, so this is the old connection's
@@ -187,7 +189,7 @@ class Listener:
                 if self._closing:
                     break
                 if error is not None:
-                    self._note_failure(error, was_up=up_since is not None, wait_s=wait_s)
+                    self._note_failure(error, was_up=up_since is not None, listening=listening, wait_s=wait_s)
                 if wait_s:
                     await asyncio.sleep(wait_s)
         finally:
@@ -255,7 +257,7 @@ class Listener:
             wait_s = min(wait_s, random.uniform(0.5, 1.0) * settings.probe_interval_s)
         return wait_s
 
-    def _note_failure(self, exc: Exception, *, was_up: bool, wait_s: float) -> None:
+    def _note_failure(self, exc: Exception, *, was_up: bool, listening: bool, wait_s: float) -> None:
         """Log a failed attempt or a lost connection (an unexpected error once with its traceback; the same
         'PostgreSQL is down' error at most every 30 s) and say why in ``down_reason``, for /readyz."""
         error = str(exc) or type(exc).__name__
@@ -264,7 +266,8 @@ class Listener:
                                   "error_type": type(exc).__name__}
         if hint:
             fields["fix"] = hint
-        what = "LISTEN connection lost" if was_up else "cannot connect and LISTEN"
+        what = ("LISTEN connection lost" if was_up else
+                "LISTENing, but the first heartbeat failed" if listening else "cannot connect and LISTEN")
         self.down_reason = f"{what}: {error}" + (f" (fix: {hint})" if hint else "")
         if not was_up:
             self._metrics.listener_connect_failures.inc()
