@@ -52,7 +52,12 @@ async def page(browser: Any) -> AsyncIterator[Any]:
     tab = await context.new_page()
     problems: list[str] = []
     tab.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
-    tab.on("console", lambda message: message.text.startswith("notifyrelay") and problems.append(message.text))
+
+    def on_console(message: Any) -> None:
+        if message.text.startswith("notifyrelay"):
+            problems.append(message.text)
+
+    tab.on("console", on_console)
     try:
         yield tab
     finally:

@@ -32,7 +32,8 @@ async def test_node_client_tests_pass_against_a_live_relay(make_relay: RelayFact
     activities = await Activities(own_database).install()
     overrides = relay_overrides()
     relay: Relay = await make_relay(dsn=own_database.dsn, **overrides)
-    gate = await Gate(relay.server.port).start()
+    gate = Gate(relay.server.port)
+    await gate.start()
     # A relay replays a resume only from overlap_ms (1 s) after it began listening: give the resume test that much.
     await asyncio.sleep(1.2)
 
@@ -49,7 +50,10 @@ async def test_node_client_tests_pass_against_a_live_relay(make_relay: RelayFact
         await activities.update(args.pop("key"), **args)
 
     async def set_gate(args: dict[str, Any]) -> None:
-        gate.shut() if args["shut"] else gate.open()
+        if args["shut"]:
+            gate.shut()
+        else:
+            gate.open()
 
     async def database(args: dict[str, Any]) -> None:
         assert own_database.server is not None
