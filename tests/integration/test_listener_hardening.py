@@ -21,7 +21,7 @@ from notifyrelay.ops.health import Readiness
 from notifyrelay.ops.metrics import Metrics
 from notifyrelay.pipeline.ingest import IngestQueue
 from notifyrelay.pipeline.listener import Listener
-from tests.conftest import Database, wait_until
+from tests.conftest import ClientFactory, Database, RelayFactory, wait_until
 from tests.integration.test_listener import Recorder
 
 ROLE = "relay_limited"
@@ -329,3 +329,28 @@ async def test_an_unexpected_error_during_a_reload_becomes_a_reconnect(
     assert not harness.task.done() and len(harness.attempts) == 2
     await database.notify("b", "new channel")
     await wait_until(lambda: len(harness.queue) == 1)
+
+
+async def test_clients_see_status_and_resync_when_an_unexpected_error_hits_the_listener(
+    make_relay: RelayFactory, make_client: ClientFactory, database: Database
+) -> None:
+    """End to end: an unexpected exception inside the running listener reaches clients as status down, resync
+    (listener_reconnected), status up, and delivery resumes; the relay keeps running."""
+    relay = await make_relay()
+    client = await make_client(relay, "?channel=activity_progress")
+    await client.recv_type("ack")
+    listener = relay.listener
+    sample = listener._sample_queue
+
+    async def fail_once(conn: Any) -> None:
+        del listener._sample_queue  # back to the real method for every later call
+        raise Injected("cannot switch to state 12")
+
+    listener._sample_queue = fail_once  # type: ignore[method-assign]  # the next supervised heartbeat
+    assert (await client.recv_type("status"))["listener"] == "down"
+    resync = await client.recv_type("resync")
+    assert resync["reason"] == "listener_reconnected" and resync["channel"] == "activity_progress"
+    assert (await client.recv_type("status"))["listener"] == "up"
+    assert listener._sample_queue == sample and relay.metrics.listener_unexpected_errors._value.get() == 1
+    await database.notify("activity_progress", "42")
+    assert (await client.recv_type("notify"))["keys"] == ["42"]
