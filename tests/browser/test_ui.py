@@ -118,7 +118,7 @@ async def test_ui_shows_the_polling_fallback_while_the_database_is_down(
 async def test_ui_in_auth_mode_jwt_takes_a_token_from_the_url_or_its_form(
     make_relay: RelayFactory, database: Database, page: Any, tmp_path: Path
 ) -> None:
-    """auth mode jwt: /ui?token= connects at once; without one, the page asks for a token and connects with it."""
+    """auth mode jwt: /ui?token= connects at once (websocket and SSE); without one, the page asks for a token."""
     from playwright.async_api import expect
 
     activities = await Activities(database).install()
@@ -133,6 +133,9 @@ async def test_ui_in_auth_mode_jwt_takes_a_token_from_the_url_or_its_form(
     base = f"http://127.0.0.1:{relay.server.port}/ui"
 
     await page.goto(f"{base}?token={token}")
+    await expect(page.locator(f'li.key[data-key="{key}"] .message')).to_have_text("secret work")
+    await page.goto(f"{base}?token={token}&transport=sse&channel=activity_progress")  # the token as a query parameter
+    await expect(page.locator("#connection")).to_have_text("connected · sse")
     await expect(page.locator(f'li.key[data-key="{key}"] .message')).to_have_text("secret work")
 
     other = await page.context.new_page()
