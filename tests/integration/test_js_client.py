@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,10 @@ async def test_node_client_tests_pass_against_a_live_relay(make_relay: RelayFact
     if node is None:
         print("\nnode is not installed: the JavaScript client's Node tests cannot run here (Chromium tests still do)")
         pytest.skip("node is not installed")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    if int(version.lstrip("v").split(".")[0]) < 20:
+        print(f"\nnode {version} has no WebSocket: the JavaScript client's Node tests need Node 20 or later")
+        pytest.skip(f"node {version} is older than 20")
     assert own_database.server is not None
     activities = await Activities(own_database).install()
     overrides = relay_overrides()
