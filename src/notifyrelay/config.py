@@ -49,7 +49,10 @@ class ServerConfig(_Section):
     listen: str = "127.0.0.1:8765"
     allowed_origins: list[str] = []
     max_connections: PositiveInt = 10000
-    max_subscriptions: PositiveInt = 1000
+    max_subscriptions: PositiveInt = 250
+    # Over all connections: what bounds the memory subscriptions take (about 1.6 KiB each at max_key_bytes 1024;
+    # docs/security.md has the worst case per connection, measured).
+    max_total_subscriptions: PositiveInt = 250_000
     max_message_bytes: Annotated[int, Meta(ge=256)] = 65536
     max_key_bytes: PositiveInt = 1024
     tls_cert_file: str = ""

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import ClientFactory, RelayFactory
+from tests.conftest import ClientFactory, RelayFactory, wait_until
 
 CHANNEL = "activity_progress"
 SECRET = "a hardening secret of at least thirty-two bytes"
@@ -99,3 +99,37 @@ async def test_huge_and_future_time_claims_are_401_with_a_sentence(
     assert_no_error_logged(events, caplog)
     assert "nbf" not in cases[3][1]
     await make_client(relay, f"?token={token(iat=now - 1)}")  # a good token still opens
+
+
+# Item 4: memory inside the documented limits.
+
+
+async def test_relay_wide_subscription_cap(make_relay: RelayFactory, make_client: ClientFactory) -> None:
+    """Past server.max_total_subscriptions (over all connections) a subscribe gets too_many_subscriptions naming
+    the relay-wide limit, all or nothing; what others release is available again."""
+    relay = await make_relay(**{"server.max_subscriptions": 4, "server.max_total_subscriptions": 6})
+    first, second, third = [await make_client(relay) for _ in range(3)]
+    assert (await first.subscribe(CHANNEL, ["1", "2", "3", "4"]))["type"] == "ack"
+    assert (await second.subscribe(CHANNEL, ["1", "5"]))["type"] == "ack"  # six held over all connections
+    answer = await third.subscribe(CHANNEL, ["9"], "over")
+    assert (answer["type"], answer["code"], answer["id"]) == ("error", "too_many_subscriptions", "over")
+    assert "relay-wide limit of 6" in answer["message"]
+    answer = await second.subscribe(CHANNEL, ["6", "7"])  # all or nothing: neither key is taken
+    assert answer["code"] == "too_many_subscriptions"
+    assert relay.metrics.limit_hits["max_total_subscriptions"]._value.get() == 2
+    assert (await second.subscribe(CHANNEL, ["5"]))["type"] == "ack"  # held already: costs nothing
+    await first.send({"op": "unsubscribe", "channel": CHANNEL, "keys": ["1", "2"]})
+    assert (await first.recv())["type"] == "ack"
+    assert (await third.subscribe(CHANNEL, ["9", "*"]))["type"] == "ack"
+    await first.connection.close()  # a client that leaves frees what it held
+    await wait_until(lambda: len(relay.hub) == 2)
+    assert (await third.subscribe(CHANNEL, ["10", "11"]))["type"] == "ack"
+
+
+def test_default_limits_fit_a_small_host() -> None:
+    """At the defaults, all subscriptions at their worst (1.62 KiB each at 1 KiB keys, measured) take under 512 MiB."""
+    from notifyrelay.config import ServerConfig
+
+    settings = ServerConfig()
+    held = min(settings.max_connections * settings.max_subscriptions, settings.max_total_subscriptions)
+    assert held * (settings.max_key_bytes + 640) < 512 * 2**20

@@ -142,7 +142,7 @@ def test_defaults_are_sane() -> None:
     from notifyrelay.config import ServerConfig
 
     settings = ServerConfig()
-    assert (settings.max_connections, settings.max_subscriptions) == (10000, 1000)
+    assert (settings.max_connections, settings.max_subscriptions) == (10000, 250)  # 250: issue 14, item 4
     assert (settings.max_message_bytes, settings.max_key_bytes) == (65536, 1024)
     assert settings.rate_limit_per_s == 20.0 and settings.rate_limit_burst == 100
     assert settings.handshake_timeout_s == 10.0 and settings.ping_interval_s == settings.ping_timeout_s == 20.0

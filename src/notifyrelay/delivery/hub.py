@@ -131,7 +131,9 @@ class Hub:
         """Take a subscribe, ack it, and queue its snapshot (state channels) or replay (``since``); or raise
         SubscriptionError with the code the client is told."""
         self._check_channel(command.channel, command.id)
-        new = session.subscribe(command, limit=self.settings.max_subscriptions)
+        settings = self.settings
+        new = session.subscribe(command, limit=settings.max_subscriptions, relay_limit=settings.max_total_subscriptions,
+                                relay_held=sum(self.index.count(channel) for channel in self.channels))
         self.index.add(session, command.channel, new)
         self._metrics.subscriptions.labels(command.channel).set(self.index.count(command.channel))
         self.send(session, "ack", protocol.ack(command))

@@ -96,8 +96,11 @@ class Session:
 
     # Subscriptions.
 
-    def subscribe(self, command: Subscribe, *, limit: int) -> list[str]:
-        """Take a subscribe's keys; return those not held before. All or nothing; raises SubscriptionError."""
+    def subscribe(
+        self, command: Subscribe, *, limit: int, relay_held: int = 0, relay_limit: int | None = None,
+    ) -> list[str]:
+        """Take a subscribe's keys; return those not held before. All or nothing; raises SubscriptionError past
+        ``limit`` (this connection's) or past ``relay_limit`` with ``relay_held`` held over all connections."""
         if self.grants is not None:
             allowed = self.grants.get(command.channel, frozenset())
             if allowed is not None and not all(key in allowed for key in command.keys):
@@ -111,6 +114,11 @@ class Session:
             raise SubscriptionError(
                 "too_many_subscriptions", f"this connection may hold at most {limit} subscriptions",
                 request_id=command.id, limit="max_subscriptions",
+            )
+        if relay_limit is not None and relay_held + len(new) > relay_limit:
+            raise SubscriptionError(
+                "too_many_subscriptions", f"the relay holds its relay-wide limit of {relay_limit} subscriptions over "
+                "all connections; try again later", request_id=command.id, limit="max_total_subscriptions",
             )
         if new:
             self.follows.setdefault(command.channel, set()).update(new)

@@ -31,6 +31,9 @@ LIMITS = {
     "rate_limit": ("rate_limited_frames", "Client frames dropped by the per-connection rate limit."),
     "handshake_timeout_s": ("handshake_timeouts", "Opening handshakes not finished within server.handshake_timeout_s."),
     "ping_timeout_s": ("keepalive_timeouts", "Connections closed (1011) for no pong within server.ping_timeout_s."),
+    # Hardening.
+    "max_total_subscriptions": ("total_subscription_limit_rejections",
+                                "Subscribes refused at server.max_total_subscriptions (held over all connections)."),
 }
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 1.0, 2.5, 5.0)
 # Commit to delivery also spans the database's commit and the network, and clocks on two hosts: a wider range.
