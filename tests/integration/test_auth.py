@@ -29,7 +29,7 @@ SECRET = "integration-test secret, at least thirty-two bytes long"
 
 
 def token(secret: str = SECRET, **overrides: Any) -> str:
-    claims: dict[str, Any] = {"sub": "ui-7", "exp": int(time.time()) + 60, "channels": {CHANNEL: ["42", "43"]}}
+    claims: dict[str, Any] = {"sub": "ui-7", "exp": int(time.time()) + 3600, "channels": {CHANNEL: ["42", "43"]}}
     claims.update(overrides)
     return jwt.encode({k: v for k, v in claims.items() if v is not None}, secret, algorithm="HS256")
 
