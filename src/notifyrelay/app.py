@@ -16,7 +16,8 @@ from typing import Any
 import msgspec
 import structlog
 
-from .config import Config, check_dsn, dsn_password, load_config, resolve_dsn
+from .config import Config, dsn_password, load_config, resolve_dsn
+from .config import state_dsn as config_state_dsn
 from .delivery.hub import Hub
 from .exceptions import ConfigError
 from .ops import log as logging_setup
@@ -55,7 +56,7 @@ class Relay:
         self.metrics.ingest_queue_depth.set_function(lambda: len(self.queue))
         self.hub = Hub(config.server, names, self.metrics, instance=self.instance, window_ms=config.coalesce.window_ms)
         # State channels fetch rows on their own small pool (never the LISTEN connection).
-        state_dsn = self.state_dsn = resolve_state_dsn(config, dsn)
+        state_dsn = self.state_dsn = config_state_dsn(config)
         logging_setup.register_secret(dsn_password(state_dsn))
         self.state_pool = StatePool(state_dsn, config.state.pool_size, self.metrics)
         self.states = channel_states(config.channels, self.state_pool, self.metrics)
@@ -197,20 +198,13 @@ def _progress_channels(config: Config) -> set[str]:
     return {c.name for c in config.channels if c.state is not None and c.progress is not None}
 
 
-def resolve_state_dsn(config: Config, main_dsn: str) -> str:
-    """The DSN of the state pool: ``[state] dsn``, else the main one. Checked like the main one (exit 2)."""
-    if not config.state.dsn:
-        return main_dsn
-    check_dsn(config.state.dsn, "state.dsn")
-    return config.state.dsn
-
-
 # What a running relay cannot change (sockets and their options, the queue, the coalescer's windows, the keys):
 # a reload keeps the running values and logs these keys as needing a restart. None: the whole section.
 RESTART_ONLY: dict[str, tuple[str, ...] | None] = {
     "admin": None,
     "auth": None,
     "coalesce": None,
+    "state": None,
     "log": ("format",),
     "listener": ("queue_size",),
     "server": ("listen", "tls_cert_file", "tls_key_file", "max_message_bytes", "compression",
