@@ -170,7 +170,8 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     outages = [outage for outage in outages for _ in range(args.repeat)]
     result["config"] = {"outages_s": outages, "listener": "defaults (probe_interval_s 0.5, reconnect_max_s 10)",
                         "readyz_poll_ms": 10, "notify_every_ms": 20}
-    with bl.Stack("recovery", [{"name": CHANNEL}], window_ms=0) as stack:
+    # One client: a small max_connections keeps the relay's file-descriptor check far from RLIMIT_NOFILE.
+    with bl.Stack("recovery", [{"name": CHANNEL}], window_ms=0, server={"max_connections": 100}) as stack:
         runs = asyncio.run(measure(stack, outages))
         metrics = stack.metrics()
     result["runs"] = runs
