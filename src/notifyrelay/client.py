@@ -193,6 +193,8 @@ class RelayClient:
         self._attempt = 0
         self._ws: ClientConnection | None = None
         self._pending: dict[str, str] = {}  # subscribe id -> channel, until acked
+        self._subscribed: set[str] = set()  # channels subscribed on some connection: a re-subscribe resumes
+        self._stateful: set[str] = set()  # channels seen carrying rows: their subscribe brings a snapshot
         self._request_ids = 0
         self._closed = asyncio.Event()
         self._next_poll: float | None = None
@@ -367,9 +369,13 @@ class RelayClient:
             self.connection = "open"
             self._attempt = 0
             self._set_listener(frame.get("listener"))
-            for followed, keys in list(self._follow.items()):
-                await self._subscribe(ws, followed, keys)
+            blind = [followed for followed, keys in list(self._follow.items())
+                     if not await self._subscribe(ws, followed, keys)]
             yield Event("welcome", frame=frame)
+            for followed in blind:
+                # Followed before, but nothing says from when to resume: whatever changed meanwhile is unknown.
+                yield Event("resync", channel=followed, keys=self._followed_keys(followed), refetch=True,
+                            detail="reconnected with no resume position: refetch what you follow")
         elif kind in ("notify", "snapshot") and channel is not None:
             yield self._apply_rows(kind, channel, frame)
         elif kind == "resync" and channel is not None:
@@ -399,6 +405,8 @@ class RelayClient:
             keys = tuple(dict.fromkeys([*rows, *progress]))
         else:
             keys = tuple(str(key) for key in frame.get("keys") or ())
+        if "rows" in frame:
+            self._stateful.add(channel)
         table = self.state.setdefault(channel, {})
         if kind == "snapshot" and "*" in self._follow.get(channel, ()):
             # A "*" snapshot is the relay's whole list of active keys: what it leaves out is no longer active.
@@ -443,14 +451,25 @@ class RelayClient:
             return tuple(dict.fromkeys([*self.state.get(channel, {}), *(key for key in keys if key != "*")]))
         return tuple(keys)
 
-    async def _subscribe(self, ws: ClientConnection, channel: str, keys: list[str]) -> None:
+    async def _subscribe(self, ws: ClientConnection, channel: str, keys: list[str]) -> bool:
+        """Send a subscribe, resuming where this client left off. False when it was followed on an earlier
+        connection but no resume position is known, and the relay will not send rows by itself: the caller
+        must refetch."""
         self._request_ids += 1
         request_id = f"s{self._request_ids}"
         frame: dict[str, Any] = {"op": "subscribe", "channel": channel, "keys": keys, "id": request_id}
-        if channel in self.positions and (self.protocol or 1) >= 2:
-            frame["since"] = self.positions[channel]  # resume: the relay replays, snapshots or resyncs
+        since = self.positions.get(channel)
+        if since is None and channel in self._subscribed and self.positions:
+            # No frame with a ts came on this channel; one on another channel proves the relay's clock had
+            # passed it, and nothing reached us here before then. The oldest such position is the safe one.
+            since = min(self.positions.values())
+        if since is not None and (self.protocol or 1) >= 2:
+            frame["since"] = since  # resume: the relay replays, snapshots or resyncs
+        resumable = since is not None or channel not in self._subscribed or channel in self._stateful
+        self._subscribed.add(channel)
         self._pending[request_id] = channel
         await self._send(ws, frame)
+        return resumable
 
     @staticmethod
     async def _send(ws: ClientConnection, frame: dict[str, Any]) -> None:

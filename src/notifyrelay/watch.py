@@ -143,8 +143,11 @@ class _Lines:
             for key in event.gone:
                 self._print(f"{event.channel} {key} gone")
         elif event.type == "resync":
-            self._print(f"resync {event.channel} reason={frame.get('reason')} "
-                        f"gap={frame.get('gap_start')}..{frame.get('gap_end')} (refetch what you follow)")
+            if frame:
+                self._print(f"resync {event.channel} reason={frame.get('reason')} "
+                            f"gap={frame.get('gap_start')}..{frame.get('gap_end')} (refetch what you follow)")
+            else:
+                self._print(f"resync {event.channel} ({event.detail})")
         elif event.type == "status":
             self._print(f"listener {frame.get('listener')}")
         elif event.type == "error":
@@ -237,7 +240,7 @@ class _Bars:
         if event.type in ("notify", "snapshot") and event.channel is not None:
             self._draw(event.channel, client, event)
         elif event.type == "resync":
-            self.note(f"resync {event.channel} ({event.frame.get('reason')}): refetch what you follow")
+            self.note(f"resync {event.channel} ({event.frame.get('reason') or event.detail}): refetch what you follow")
         elif event.type == "error":
             self.note(f"[red]error {event.frame.get('code')}[/]: {event.frame.get('message')}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -90,6 +91,21 @@ async def clients() -> AsyncIterator[Callable[..., RelayClient]]:
         await client.__aexit__(None, None, None)
 
 
+async def port_released(port: int) -> None:
+    """Wait until a stopped relay has closed its listening socket, so that another may bind the port."""
+
+    def free() -> bool:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+            return True
+
+    await wait_until(free, timeout=10)
+
+
 async def until(client: RelayClient, predicate: Callable[[Event], bool], timeout: float = 10) -> Event:
     """The first event (from now) for which ``predicate`` holds."""
     async with asyncio.timeout(timeout):
@@ -153,13 +169,40 @@ async def test_resumes_through_a_relay_restart_with_what_changed_meanwhile(
     await until(client, lambda e: e.type == "disconnected")
     assert not client.live
     await jobs.set(7, "running", 6, 10)  # while no relay is listening
+    await port_released(port)
     await make_relay(channels=channels, **{"server.listen": f"127.0.0.1:{port}"})
-    resync = await until(client, lambda e: e.type == "resync")
-    assert resync.channel == HINT and resync.refetch and resync.keys == ("42",)
-    assert resync.frame["reason"] == "history_gap"
-    await wait_until(lambda: client.state[jobs.name]["7"].progress.done == 6)  # type: ignore[union-attr]
+    resyncs: list[Event] = []
+
+    def caught_up(event: Event) -> bool:
+        resyncs.extend([event] if event.type == "resync" else [])
+        progress = client.state[jobs.name]["7"].progress
+        return bool(resyncs) and progress is not None and progress.done == 6
+
+    await until(client, caught_up)
+    assert [(e.channel, e.refetch, e.keys) for e in resyncs] == [(HINT, True, ("42",))]
+    # Resumed with a position the new relay cannot replay from (or before its listener was up).
+    assert resyncs[0].frame["reason"] in ("history_gap", "listener_started")
     assert client.instance != first_instance and client.reconnects >= 1 and client.live
     assert client.positions[jobs.name] >= before
+
+
+async def test_reconnect_with_no_resume_position_asks_to_refetch(
+    make_relay: RelayFactory, clients: Callable[..., RelayClient]
+) -> None:
+    """A hint channel that never carried a frame has no position to resume from: after a relay restart the client
+    itself yields a refetch for what it follows there, since the relay cannot know what was missed."""
+    first = await make_relay()
+    port = first.server.port
+    client = clients(first.server.url, follow={HINT: ["42", "43"]})
+    await until(client, lambda e: e.type == "ack")
+    first.request_stop()
+    await until(client, lambda e: e.type == "disconnected")
+    # The client reconnects only as it is iterated: the new relay is listening before it comes back.
+    await port_released(port)
+    await make_relay(**{"server.listen": f"127.0.0.1:{port}"})
+    resync = await until(client, lambda e: e.type == "resync")
+    assert (resync.channel, resync.keys, resync.refetch) == (HINT, ("42", "43"), True)
+    assert "no resume position" in resync.detail and not resync.frame
 
 
 async def test_database_outage_polls_meanwhile_and_refetches_after(

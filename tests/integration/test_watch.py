@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from tests.conftest import Database, RelayFactory
-from tests.integration.test_client import Jobs
+from tests.integration.test_client import Jobs, port_released
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "NO_COLOR": "1"}
@@ -163,11 +163,13 @@ async def test_until_done_survives_a_relay_restart(make_relay: RelayFactory, wat
     complete that completed while no relay ran."""
     await jobs.set(1, "running", 1, 3)
     first = await make_relay(channels=[jobs.channel()])
+    port = first.server.port
     watch = await watches(first.server.url, "--channel", jobs.name, "--key", "1", "--until-done")
     await watch.line_with(f"{jobs.name} 1 running 1/3")
     first.request_stop()
     await jobs.set(1, "complete", 3, 3)
-    await make_relay(channels=[jobs.channel()], **{"server.listen": f"127.0.0.1:{first.server.port}"})
+    await port_released(port)
+    await make_relay(channels=[jobs.channel()], **{"server.listen": f"127.0.0.1:{port}"})
     assert await watch.exit_status(timeout=20) == 0
     assert any("reconnected:" in line for line in watch.lines), watch.lines
     assert "reconnecting in" in await watch.stderr()
