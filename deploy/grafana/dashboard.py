@@ -16,6 +16,7 @@ GREEN, YELLOW, RED = "green", "yellow", "red"
 LIMIT_COUNTERS = (
     "connection_limit_rejections", "subscription_limit_rejections", "oversized_frames", "oversized_keys",
     "rate_limited_frames", "handshake_timeouts", "keepalive_timeouts", "token_expirations",
+    "total_subscription_limit_rejections", "handshakes_shed",
 )
 
 
@@ -205,6 +206,7 @@ def build() -> dict[str, Any]:
             "and subscriptions (a key or *) per channel.",
             [(f"sum by (transport) ({series('clients')})", "clients {{transport}}"),
              (f"sum({series('workers')})", "workers"),
+             (f"sum({series('handshakes')})", "in handshake"),
                          (f"sum by (channel) ({series('subscriptions')})", "subscriptions {{channel}}")], x=0)
     d.panel("timeseries", "Connections opened and closed", "Per second; closes by close code (1000 normal, 1001 "
             "going away, 1006 abnormal, 1008 policy, 4000 too slow ...).",
@@ -217,10 +219,12 @@ def build() -> dict[str, Any]:
              (rate("client_errors_total", "code"), "error {{code}}")], x=16, unit="ops")
     d.next_line()
     d.panel("timeseries", "Limits and authentication", "Refusals by limit (server.max_connections, "
-            "max_subscriptions, max_message_bytes, max_key_bytes, the rate limit, handshake and keepalive timeouts), "
-            "token expirations, and 401s by reason.",
+            "max_subscriptions, max_message_bytes, max_key_bytes, the rate limit, handshake and keepalive timeouts, "
+            "max_total_subscriptions, max_handshakes), token expirations, 401s by reason, and failed accepts "
+            "(EMFILE: out of file descriptors).",
             [(rate(f"{name}_total"), name.replace("_", " ")) for name in LIMIT_COUNTERS]
-            + [(rate("auth_failures_total", "reason"), "401 {{reason}}")], x=0, w=12, unit="ops")
+            + [(rate("auth_failures_total", "reason"), "401 {{reason}}"),
+               (rate("accept_errors_total", "errno"), "accept failed {{errno}}")], x=0, w=12, unit="ops")
     d.panel("timeseries", "Slow clients", "Clients whose write buffer passed its high-water mark (they get one "
             "catch-up frame), and those closed for staying stalled past stall_timeout_s.",
             [(rate("slow_clients_total", fn="increase"), "stalled"),

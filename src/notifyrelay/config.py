@@ -64,6 +64,9 @@ class ServerConfig(_Section):
     ping_interval_s: Seconds = 20.0
     ping_timeout_s: Seconds = 20.0
     handshake_timeout_s: Seconds = 10.0
+    # TCP connections not (yet) a websocket or a stream: in their handshake, or idle between keep-alive requests.
+    # Past it the oldest is closed. max_connections + max_handshakes + 64 must fit RLIMIT_NOFILE, or no start.
+    max_handshakes: PositiveInt = 1024
     # Client frames: a token bucket per connection refilled at rate_limit_per_s, holding rate_limit_burst. A frame
     # finding it empty is answered rate_limited; 3 x rate_limit_burst refused before it refills closes with 1008.
     rate_limit_per_s: Annotated[float, Meta(gt=0)] = 20.0

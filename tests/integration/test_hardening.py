@@ -4,9 +4,15 @@ and hostile requests answered 400/401 with a sentence instead of a 500 and a tra
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import re
+import resource
+import sys
 import time
-from collections.abc import Mapping, Sequence
+import urllib.request
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +20,16 @@ import jwt
 import msgspec
 import pytest
 from structlog.testing import capture_logs
+from websockets.asyncio.client import connect
 
-from tests.conftest import ClientFactory, RelayFactory, wait_until
+from tests.conftest import ClientFactory, Database, RelayFactory, wait_until
 
 CHANNEL = "activity_progress"
 SECRET = "a hardening secret of at least thirty-two bytes"
 
 
-async def raw_request(port: int, request: bytes, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
-    """Send bytes as they are and read the answer: its status and its JSON body."""
+async def raw_request(port: int, request: bytes, timeout: float = 5.0) -> tuple[int, Any]:
+    """Send bytes as they are and read the answer: its status and its body (decoded when it is JSON)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
@@ -33,7 +40,7 @@ async def raw_request(port: int, request: bytes, timeout: float = 5.0) -> tuple[
         body = await asyncio.wait_for(reader.readexactly(length), timeout)
     finally:
         writer.close()
-    return int(head.split(b" ")[1]), msgspec.json.decode(body)
+    return int(head.split(b" ")[1]), msgspec.json.decode(body) if b"application/json" in head else body
 
 
 def upgrade(target: str) -> bytes:
@@ -133,3 +140,160 @@ def test_default_limits_fit_a_small_host() -> None:
     settings = ServerConfig()
     held = min(settings.max_connections * settings.max_subscriptions, settings.max_total_subscriptions)
     assert held * (settings.max_key_bytes + 640) < 512 * 2**20
+
+
+# Item 6: file descriptors and half-open handshakes.
+
+
+class Daemon:
+    """``python -m notifyrelay run`` in a child process under its own RLIMIT_NOFILE, stderr collected."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, tmp_path: Path, server: str, *, nofile: tuple[int, int], dsn: str) -> Daemon:
+        config = tmp_path / "relay.toml"
+        config.write_text(f'dsn = "{dsn}"\n[server]\nlisten = "127.0.0.1:0"\n{server}\n[log]\nformat = "json"\n'
+                          f'[[channels]]\nname = "{CHANNEL}"\n')
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFYRELAY_", "PG"))}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "notifyrelay", "run", "--config", str(config), env=environ,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile),
+        )
+        return cls(process)
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        async for line in self.process.stderr:
+            self.lines.append(line.decode())
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [entry for line in self.lines if line.startswith("{")
+                for entry in [msgspec.json.decode(line)] if entry.get("event") == name]
+
+    async def port(self) -> int:
+        await wait_until(lambda: bool(self.events("relay.started")) or self.process.returncode is not None, timeout=10)
+        started = self.events("relay.started")
+        assert started, self.lines
+        return int(started[0]["url"].rsplit(":", 1)[1].removesuffix("/ws"))
+
+    async def stop(self) -> int:
+        if self.process.returncode is None:
+            self.process.terminate()
+        status = await asyncio.wait_for(self.process.wait(), 15)
+        await self._reader
+        return status
+
+
+@pytest.fixture
+async def daemons() -> AsyncIterator[list[Daemon]]:
+    """Daemons a test started; any still running at the end is killed."""
+    running: list[Daemon] = []
+    yield running
+    for daemon in running:
+        if daemon.process.returncode is None:
+            daemon.process.kill()
+            await daemon.process.wait()
+
+
+async def test_slow_handshakes_beyond_the_fd_limit_leave_probes_and_clients_served(
+    tmp_path: Path, database: Database, daemons: list[Daemon]
+) -> None:
+    """Under a 300-fd limit, 400 connections stuck in their handshake are shed oldest first (max_handshakes 50):
+    /healthz still answers, a websocket client still connects, and nothing logs an error or a traceback."""
+    daemon = await Daemon.start(tmp_path, "max_connections = 100\nmax_handshakes = 50\nhandshake_timeout_s = 30",
+                                nofile=(300, 300), dsn=database.dsn)
+    daemons.append(daemon)
+    port = await daemon.port()
+    slow: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(400):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /ws HTTP/1.1\r\nHost: relay\r\n")  # and never the rest
+            slow.append(writer)
+        await asyncio.sleep(0.2)  # let the relay accept them all (a fixed backlog would otherwise hold some)
+        assert await raw_request(port, b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n", timeout=3) == (200, b"ok\n")
+        async with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=3) as client:
+            assert msgspec.json.decode(await client.recv())["type"] == "welcome"
+        metrics = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/metrics")
+        shed = float(re.search(r"^notifyrelay_handshakes_shed_total (\S+)$", metrics, re.M).group(1))  # type: ignore[union-attr]
+        assert shed >= 350, shed
+        waiting = float(re.search(r"^notifyrelay_handshakes (\S+)$", metrics, re.M).group(1))  # type: ignore[union-attr]
+        assert waiting <= 50, waiting
+    finally:
+        for writer in slow:
+            writer.close()
+    assert await daemon.stop() == 0
+    text = "".join(daemon.lines)
+    assert "Traceback" not in text and '"level": "error"' not in text and '"level":"error"' not in text, text[-2000:]
+
+
+def http_get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()  # type: ignore[no-any-return]
+
+
+async def test_start_is_refused_when_max_connections_cannot_fit_the_fd_limit(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """Under a 256-fd hard limit the default max_connections (10000) stops the start with exit 2, naming the key,
+    both numbers and the fix."""
+    daemon = await Daemon.start(tmp_path, "", nofile=(256, 256), dsn="postgresql://127.0.0.1:1/none")
+    daemons.append(daemon)
+    assert await asyncio.wait_for(daemon.process.wait(), 15) == 2
+    await daemon._reader
+    text = "".join(daemon.lines)
+    assert "server.max_connections" in text and "10000 connections" in text, text
+    assert "RLIMIT_NOFILE is 256 (hard limit 256)" in text and "LimitNOFILE" in text, text
+
+
+async def test_soft_fd_limit_is_raised_to_the_hard_one(
+    tmp_path: Path, database: Database, daemons: list[Daemon]
+) -> None:
+    """A relay started with a soft limit of 256 under a hard one of 4096 raises its soft limit to 4096 and starts."""
+    daemon = await Daemon.start(tmp_path, "max_connections = 3000", nofile=(256, 4096), dsn=database.dsn)
+    daemons.append(daemon)
+    await daemon.port()
+    limits = Path(f"/proc/{daemon.process.pid}/limits").read_text()
+    assert re.search(r"^Max open files\s+4096\s+4096\s", limits, re.M), limits
+    assert await daemon.stop() == 0
+
+
+async def test_accept_errors_are_logged_once_per_interval_with_a_count(
+    make_relay: RelayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A thousand EMFILE accepts (as asyncio reports them) make one log line with a count, no traceback; other
+    loop errors still reach the handler the relay replaced."""
+    relay = await make_relay()
+    loop = asyncio.get_running_loop()
+    emfile = {"message": "socket.accept() out of system resource",
+              "exception": OSError(errno.EMFILE, "Too many open files")}
+    with capture_logs() as events, caplog.at_level(logging.WARNING):
+        for _ in range(1000):
+            loop.call_exception_handler(emfile)
+        loop.call_exception_handler({"message": "something else entirely"})
+    failed = [e for e in events if e["event"] == "server.accept_failed"]
+    assert len(failed) == 1 and failed[0]["errno"] == "EMFILE" and "exc_info" not in failed[0], failed
+    assert relay.metrics.accept_errors.labels("EMFILE")._value.get() == 1000
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == ["something else entirely"]
+
+
+def test_handshakes_shed_the_oldest_and_requeue_on_progress() -> None:
+    """Past the limit the oldest waiting connection is shed (never the new one), and one that was answered goes to
+    the back of the line, so a keep-alive prober outlives the slow handshakes that came after it."""
+    from notifyrelay.transports.capacity import Handshakes
+
+    waiting: Handshakes[str] = Handshakes()
+    assert [waiting.arrive(name, 3) for name in ("probe", "slow1", "slow2")] == [None, None, None]
+    waiting.progressed("probe")  # answered: it waits for its next request behind the others
+    assert waiting.arrive("slow3", 3) == "slow1"
+    assert waiting.arrive("slow4", 3) == "slow2"
+    waiting.done("slow3")  # upgraded
+    assert waiting.arrive("new", 3) is None and len(waiting) == 3
+    assert waiting.arrive("newer", 3) == "probe"
+    waiting.progressed("gone")  # not waiting: nothing to do
+    assert waiting.arrive("alone", 1) == "slow4" and len(waiting) == 3  # a lowered limit sheds one per arrival

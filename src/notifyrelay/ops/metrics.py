@@ -34,6 +34,8 @@ LIMITS = {
     # Hardening.
     "max_total_subscriptions": ("total_subscription_limit_rejections",
                                 "Subscribes refused at server.max_total_subscriptions (held over all connections)."),
+    "max_handshakes": ("handshakes_shed", "Connections in their handshake closed past server.max_handshakes, oldest "
+                       "first."),
 }
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 1.0, 2.5, 5.0)
 # Commit to delivery also spans the database's commit and the network, and clocks on two hosts: a wider range.
@@ -146,6 +148,15 @@ class Metrics:
         )
         self.token_expirations = Counter(
             f"{p}token_expirations", "Connections closed (4001) because their token expired.", registry=r
+        )
+        # Hardening.
+        self.handshakes = Gauge(
+            f"{p}handshakes", "TCP connections not (yet) a websocket or a stream: in their handshake, or idle "
+            "keep-alive (bounded by server.max_handshakes).", registry=r,
+        )
+        self.accept_errors = Counter(
+            f"{p}accept_errors", "Failed accepts on a listening socket, by errno (EMFILE: out of file descriptors).",
+            ["errno"], registry=r,
         )
         self.delivery_latency = Histogram(
             f"{p}delivery_latency_seconds", "From a notification's receipt to its batch's frames being written.",

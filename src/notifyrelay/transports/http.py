@@ -33,6 +33,7 @@ from ..delivery.hub import Hub, peer_of
 from ..exceptions import ProtocolError
 from ..ops.health import Readiness
 from ..ops.metrics import Metrics
+from .capacity import AcceptErrors, Handshakes, check_file_descriptors
 from .gate import Gate, Refusal, StreamRequest, headers_of, parse_query
 from .stream import StreamTransport
 from .websocket import WebSocketTransport, handshake
@@ -78,6 +79,11 @@ class HttpConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self.server.config.server.write_high_water_bytes)
         self.server.connections.add(self)
         self._arm_deadline()
+        # Counted until it upgrades or closes: past server.max_handshakes the oldest (the slowest) is shed.
+        shed = self.server.handshakes.arrive(self, self.server.config.server.max_handshakes)
+        if shed is not None and shed.transport is not None:
+            self.server.metrics.limit_hits["max_handshakes"].inc()
+            shed.transport.abort()
 
     def _arm_deadline(self) -> None:
         """A request must arrive (and a handshake finish) within handshake_timeout_s; an idle keep-alive too."""
@@ -86,6 +92,13 @@ class HttpConnection(asyncio.Protocol):
         self._deadline = asyncio.get_running_loop().call_later(
             self.server.config.server.handshake_timeout_s, self._handshake_timeout
         )
+        self.server.handshakes.progressed(self)
+
+    def _handshake_done(self) -> None:
+        """Upgraded: no longer bound by handshake_timeout_s, nor counted against max_handshakes."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self.server.handshakes.done(self)
 
     def _handshake_timeout(self) -> None:
         if self.upgraded is None and self.transport is not None:
@@ -116,6 +129,7 @@ class HttpConnection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self.server.connections.discard(self)
+        self.server.handshakes.done(self)
         if self.upgraded is not None:
             self.upgraded.connection_lost()
 
@@ -271,8 +285,7 @@ class HttpConnection(asyncio.Protocol):
         upgraded = self.upgraded = WebSocketTransport(
             self.transport, ws, server.hub, server.config.server, server.metrics, self.peer
         )
-        if self._deadline is not None:
-            self._deadline.cancel()
+        self._handshake_done()
         grant = admission.grant
         upgraded.start(grant.channels if grant else None, wanted, error)
         if grant is not None:
@@ -322,8 +335,7 @@ class HttpConnection(asyncio.Protocol):
             kind, self.transport, chunked=chunked, hub=server.hub, settings=server.config.server,
             metrics=server.metrics, peer=self.peer,
         )
-        if self._deadline is not None:
-            self._deadline.cancel()
+        self._handshake_done()
         upgraded.start(head, channels, wanted.subscribes, until_done=wanted.until_done)
         if grant is not None:
             self._expire_at(grant.expires_at, upgraded)
@@ -386,6 +398,9 @@ class RelayServer:
         # Keys are read and checked now, so that a bad [auth] setting stops the start (exit 2) naming its key.
         self.gate = Gate(config.server, Authenticator.from_config(config.auth), metrics)
         self.connections: set[HttpConnection] = set()
+        self.handshakes: Handshakes[HttpConnection] = Handshakes()
+        metrics.handshakes.set_function(lambda: len(self.handshakes))
+        self.accept_errors = AcceptErrors(metrics.accept_errors)
         self.main: asyncio.Server | None = None
         self.admin: asyncio.Server | None = None
 
@@ -411,8 +426,10 @@ class RelayServer:
         return f"{scheme}://{host}:{self.port}/ws"
 
     async def start(self) -> None:
-        """Bind and start accepting (raises OSError when the address is taken)."""
+        """Bind and start accepting (raises OSError when the address is taken, ConfigError when max_connections
+        cannot fit RLIMIT_NOFILE)."""
         settings = self.config.server
+        check_file_descriptors(self.config)
         host, port = parse_listen(settings.listen)
         tls = _tls_context(settings.tls_cert_file, settings.tls_key_file)
         if self.gate.authenticator is None and not is_loopback(host):
@@ -421,16 +438,23 @@ class RelayServer:
                 hint="auth.mode is none: anyone who reaches this address may follow every channel (docs/security.md)",
             )
         loop = asyncio.get_running_loop()
-        self.main = await loop.create_server(
-            lambda: HttpConnection(self, admin=False), host or None, port, ssl=tls, reuse_port=self.reuse_port or None,
-            backlog=1024,
-        )
-        if self.config.admin.listen:
-            admin_host, admin_port = parse_listen(self.config.admin.listen, "admin.listen")
-            self.admin = await loop.create_server(
-                lambda: HttpConnection(self, admin=True), admin_host or None, admin_port, ssl=tls,
-                reuse_port=self.reuse_port or None,
+        # The TLS handshake comes before the HTTP one (and before HttpConnection): bound it the same way.
+        tls_timeout = settings.handshake_timeout_s if tls else None
+        self.accept_errors.install(loop)
+        try:
+            self.main = await loop.create_server(
+                lambda: HttpConnection(self, admin=False), host or None, port, ssl=tls,
+                reuse_port=self.reuse_port or None, backlog=1024, ssl_handshake_timeout=tls_timeout,
             )
+            if self.config.admin.listen:
+                admin_host, admin_port = parse_listen(self.config.admin.listen, "admin.listen")
+                self.admin = await loop.create_server(
+                    lambda: HttpConnection(self, admin=True), admin_host or None, admin_port, ssl=tls,
+                    reuse_port=self.reuse_port or None, ssl_handshake_timeout=tls_timeout,
+                )
+        except BaseException:
+            self.accept_errors.uninstall()
+            raise
 
     def stop_accepting(self) -> None:
         """Refuse new websockets and streams; open ones stay, and the probes keep answering (/readyz: 503).
@@ -454,6 +478,7 @@ class RelayServer:
                     await asyncio.wait_for(server.wait_closed(), timeout=10)
                 except TimeoutError:
                     log.warning("server.close_timeout")
+        self.accept_errors.uninstall()
 
 
 def _tls_context(cert_file: str, key_file: str) -> ssl.SSLContext | None:
