@@ -76,7 +76,7 @@ def describe_key(state: KeyState, payload: object = None) -> str:
     """One line for a key's state: status, done/total, percent, rate, ETA, stalled, message (or the row)."""
     progress = state.progress
     if progress is not None:
-        parts = [_status(state) or "-", f"{_number(progress.done)}/{_number(progress.total)}"]
+        parts = [_status(state) or "-", f"{_number(progress.done)}/{_number(progress.total or None)}"]
         if progress.percent is not None:
             parts.append(_percent(progress))
         parts += [_rate(progress), f"eta {_duration(progress.eta_s)}"]
@@ -278,7 +278,7 @@ class _Bars:
         elif progress.terminal:
             status = f"[green]{status}[/]"
         return {
-            "key": key, "status": status, "counts": f"{_number(progress.done)}/{_number(progress.total)}",
+            "key": key, "status": status, "counts": f"{_number(progress.done)}/{_number(progress.total or None)}",
             "percent": _percent(progress), "rate": _rate(progress), "eta": f"eta {_duration(progress.eta_s)}",
             "message": _message(state), "tone": tone,
         }
