@@ -132,11 +132,15 @@ class Stack:
         server: dict[str, Any] | None = None,
         pg_max_connections: int = 60,
         relays: int = 1,
+        env: dict[str, str] | None = None,
+        setup_sql: str = "",
     ) -> None:
         self.name = name
+        self.setup_sql = setup_sql  # run on the new database before any relay starts (tables a state channel reads)
+        self.env = env or {}  # added to the relays' environment (which keeps no other NOTIFYRELAY_ variable)
         self.channels = list(channels)
         self.window_ms = window_ms
-        self.server_extra = {"max_connections": 20000, **(server or {})}
+        self.server_extra = {"max_connections": 12000, "max_handshakes": 1000, **(server or {})}
         self.pg_max_connections = pg_max_connections
         self.count = relays
         self.pg: EmbeddedPostgres | None = None
@@ -181,7 +185,19 @@ class Stack:
         self.pg.start()
         from notifyrelay.pgembed import free_port
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYRELAY_")}
+        if self.setup_sql:
+            import asyncpg
+
+            async def setup(dsn: str) -> None:
+                conn = await asyncpg.connect(dsn)
+                try:
+                    await conn.execute(self.setup_sql)
+                finally:
+                    await conn.close()
+
+            asyncio.run(setup(self.pg.dsn))
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYRELAY_")} | self.env
         for config_path, log_path in zip(self.config_paths, self.log_paths, strict=True):
             port = free_port()
             lines = [
@@ -632,7 +648,7 @@ class _Generator:
                     "SELECT pg_notify($1, $2 || ((($3::int) + g) % $4)::text) FROM generate_series(1, $5) g"
                 )
             else:
-                statement = await conn.prepare("SELECT pg_notify($1, $2)")
+                statement = await conn.prepare(spec.get("sql", "SELECT pg_notify($1, $2)"))
             t0 = start_at + j * interval / len(conns)
             for i in range(count):
                 due = t0 + i * interval
@@ -666,7 +682,7 @@ class _Generator:
     async def lone(self, spec: dict[str, Any]) -> dict[str, Any]:
         """``count`` lone notifications ``interval`` s (+ up to ``jitter`` s) apart; each noted as in ``paced``."""
         conn = self.conns[0]
-        statement = await conn.prepare("SELECT pg_notify($1, $2)")
+        statement = await conn.prepare(spec.get("sql", "SELECT pg_notify($1, $2)"))
         rng = random.Random(spec.get("seed"))
         records = []
         async with asyncio.timeout(spec["count"] * (spec["interval"] + spec.get("jitter", 0)) + 30):

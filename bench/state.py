@@ -1,0 +1,158 @@
+"""Live state: what fetching rows costs the database and the latency, with rows in every frame.
+
+A state channel over a real table: every UPDATE commits, its trigger NOTIFYs ``{"k": key, "n": n}``, and the relay
+fetches the batch's rows with one query before sending. Frames carry ``rows`` (and the payload, which is how a
+delivery is matched to its update: the row it carries is at least as new).
+
+(a) idle: lone updates, each after more than one window of silence, to a few followers: commit to client with rows.
+    Target: p99 under 5 ms.
+(b) busy: 1,000 clients following 500 keys (two per key), 2,000 updates/s: commit to client p99 (target: window +
+    30 ms), and state queries per second (target: at most one per channel per window, whatever the number of
+    clients).
+(c) quiet: the same clients connected while nothing changes: state queries (target: none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from typing import Any
+
+import benchlib as bl
+from latency import join
+
+CHANNEL = "bench_state"
+UPDATE = ("UPDATE bench_state SET n = ($2::jsonb->>'n')::bigint "
+          "WHERE k = ($2::jsonb->>'k') AND $1::text IS NOT NULL")
+
+
+def setup_sql(keys: list[str]) -> str:
+    values = ", ".join(f"('{key}')" for key in keys)
+    return f"""
+        CREATE TABLE bench_state (k text PRIMARY KEY, n bigint NOT NULL DEFAULT -1);
+        INSERT INTO bench_state (k) VALUES {values};
+        CREATE FUNCTION bench_state_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('{CHANNEL}', json_build_object('k', NEW.k, 'n', NEW.n)::text);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER bench_state_notify AFTER UPDATE ON bench_state FOR EACH ROW
+            WHEN (OLD.n IS DISTINCT FROM NEW.n) EXECUTE FUNCTION bench_state_notify();
+    """
+
+
+def state_queries(stack: bl.Stack) -> float:
+    return sum(value for name, value in stack.metrics().items()
+               if name.startswith("notifyrelay_state_queries_total{") and f'channel="{CHANNEL}"' in name)
+
+
+def batches(stack: bl.Stack) -> float:
+    return stack.metrics().get(f'notifyrelay_batches_total{{channel="{CHANNEL}"}}', 0.0)
+
+
+def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    window_ms = 200
+    idle_count = 40 if args.quick else args.idle_samples
+    busy_s = 8.0 if args.quick else args.busy_seconds
+    quiet_s = 3.0
+    busy_keys = [f"k{i}" for i in range(args.keys)]
+    idle_keys = [f"idle-{n}" for n in range(idle_count)]
+    result["config"] = {"window_ms": window_ms, "idle_updates": idle_count, "idle_followers": args.idle_clients,
+                        "busy_rate_per_s": args.rate, "busy_keys": args.keys, "busy_clients": args.clients,
+                        "busy_seconds": busy_s, "quiet_seconds": quiet_s,
+                        "generator_connections": args.generator_connections}
+    figures: dict[str, Any] = {}
+    result["figures"] = figures
+    channel = {"name": CHANNEL, "key": "json:k", "include_payload": True,
+               "state": {"table": "bench_state", "key_column": "k", "columns": ["n"]}}
+    with bl.Stack("state", [channel], window_ms=window_ms, setup_sql=setup_sql(busy_keys + idle_keys)) as stack:
+        result["relay_pid"] = stack.relay.pid if stack.relay else None
+        # UPDATEs that fire a trigger cost more than a bare pg_notify: more connections keep 2,000/s offered.
+        generators = bl.start_generators(1, stack.dsn, connections=args.generator_connections, lifetime_s=300)
+        with bl.workers_stopped(generators):
+            # (a) idle: a few followers of the lone keys, one lone update every 250-300 ms.
+            idle_clients = bl.start_clients(1, "payload", lifetime_s=300, name="idle-clients")
+            with bl.workers_stopped(idle_clients):
+                bl.connect_clients(idle_clients, [stack.ws_url(CHANNEL, idle_keys)] * args.idle_clients)
+                answer = generators[0].call(
+                    "lone", {"channel": CHANNEL, "count": idle_count, "interval": 0.25, "jitter": 0.05, "json": True,
+                             "prefix": "idle", "seed": 1, "sql": UPDATE},
+                    timeout=idle_count * 0.3 + 60,
+                )
+                time.sleep(0.5)
+                got = idle_clients[0].call("collect")
+            followers = {key: list(range(args.idle_clients)) for key, *_ in answer["records"]}
+            from_commit, _, missing = join(answer["records"], got["per_conn"], followers)
+            idle = bl.summary_ms(from_commit)
+            result["idle"] = {"commit_to_client_ms": idle, "undelivered": missing}
+            figures["idle_with_rows_p50_ms"] = bl.figure(idle.get("p50"), "ms")
+            figures["idle_with_rows_p99_ms"] = bl.figure(idle.get("p99"), "ms", 5)
+            figures["idle_undelivered"] = bl.figure(missing, "updates", 0)
+
+            # (b) busy: 1,000 clients, each following one of 500 keys; 2,000 updates/s.
+            urls = [stack.ws_url(CHANNEL, [busy_keys[i % len(busy_keys)]]) for i in range(args.clients)]
+            busy_clients = bl.start_clients(2, "payload", lifetime_s=300, name="busy-clients")
+            with bl.workers_stopped(busy_clients):
+                bl.connect_clients(busy_clients, urls)
+                time.sleep(1.0)  # the subscribes' snapshots are done
+                # (c) quiet: nothing changes, so nothing is fetched.
+                quiet_before = state_queries(stack)
+                time.sleep(quiet_s)
+                quiet_queries = state_queries(stack) - quiet_before
+                queries_before, batches_before = state_queries(stack), batches(stack)
+                cpu_before, wall_before = stack.cpu_seconds(), time.monotonic()
+                answer = generators[0].call(
+                    "paced", {"channel": CHANNEL, "rate": args.rate, "duration": busy_s, "keys": busy_keys,
+                              "json": True, "record": True, "seed": 2, "sql": UPDATE},
+                    timeout=busy_s * 3 + 60,
+                )
+                elapsed = time.monotonic() - wall_before
+                cpu = (stack.cpu_seconds() - cpu_before) / elapsed
+                time.sleep(window_ms / 1000 + 0.5)
+                queries = state_queries(stack) - queries_before
+                flushed = batches(stack) - batches_before
+                answers = bl.call_all(busy_clients, ("collect",), timeout=60)
+            per_conn: dict[int, list[tuple[float, dict[str, Any]]]] = {}
+            for w, got in enumerate(answers):
+                for index, frames in got["per_conn"].items():
+                    per_conn[index * len(busy_clients) + w] = frames
+            followers = defaultdict(list)
+            for i in range(args.clients):
+                followers[busy_keys[i % len(busy_keys)]].append(i)
+            from_commit, _, missing = join(answer["records"], per_conn, followers)
+            busy = bl.summary_ms(from_commit)
+            achieved = answer["sent"] / max(1e-9, answer["ended"] - answer["began"])
+            windows = elapsed / (window_ms / 1000)
+            result["busy"] = {"commit_to_client_ms": busy, "undelivered": missing, "updates_sent": answer["sent"],
+                              "achieved_rate_per_s": round(achieved), "state_queries": queries,
+                              "batches": flushed, "windows": round(windows, 1), "relay_cpu_percent": round(cpu * 100, 1)}
+            figures["busy_rate_per_s"] = bl.figure(round(achieved), "updates/s", args.rate * 0.95, ">=",
+                                                   note="the load actually offered")
+            figures["busy_with_rows_p50_ms"] = bl.figure(busy.get("p50"), "ms")
+            figures["busy_with_rows_p99_ms"] = bl.figure(busy.get("p99"), "ms", window_ms + 30)
+            figures["busy_undelivered"] = bl.figure(missing, "deliveries", 0)
+            figures["state_queries_per_s"] = bl.figure(round(queries / elapsed, 2), "queries/s",
+                                                       1000 / window_ms + 0.5, "<=",
+                                                       note=f"one channel, {args.clients} clients")
+            figures["state_queries_per_batch"] = bl.figure(round(queries / max(1.0, flushed), 3), "queries", 1.0,
+                                                           "<=")
+            figures["quiet_state_queries"] = bl.figure(quiet_queries, "queries", 0, "<=",
+                                                       note=f"{quiet_s:g} s with every client connected, no change")
+            figures["busy_relay_cpu"] = bl.figure(round(cpu * 100, 1), "% of one core")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--idle-samples", type=int, default=120)
+    parser.add_argument("--idle-clients", type=int, default=5)
+    parser.add_argument("--busy-seconds", type=float, default=15)
+    parser.add_argument("--rate", type=int, default=2000)
+    parser.add_argument("--keys", type=int, default=500)
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--generator-connections", type=int, default=16)
+    return bl.scenario_main("state", 420, run, parser)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
