@@ -181,6 +181,18 @@ class _Json:
         pass
 
 
+class _Header:
+    """The line above the bars, drawn afresh at each refresh from its current text and style."""
+
+    def __init__(self) -> None:
+        self.text, self.style = "connecting ...", ""
+
+    def __rich__(self) -> Any:
+        from rich.text import Text
+
+        return Text(self.text, style=self.style)
+
+
 class _Bars:
     """On a terminal: a header with the connection and listener state, and a live progress bar per key."""
 
@@ -189,7 +201,6 @@ class _Bars:
         from rich.live import Live
         from rich.progress import BarColumn, Progress, Task, TextColumn
         from rich.progress_bar import ProgressBar
-        from rich.text import Text
 
         class _ToneBar(BarColumn):
             """A bar that turns red for a failed key and yellow for a stalled one."""
@@ -202,7 +213,7 @@ class _Bars:
                 return bar
 
         self.url = url
-        self.header = Text("connecting ...")
+        self.header = _Header()
         self.console = Console(file=out)
         self.progress = Progress(
             TextColumn("[bold]{task.fields[key]}"),
@@ -229,8 +240,7 @@ class _Bars:
             style = "green" if listener == "up" else "yellow"
         else:
             state, style = client.connection, "red"
-        self.header.plain = f"{self.url}  {state}{extra}"
-        self.header.stylize(style)
+        self.header.text, self.header.style = f"{self.url}  {state}{extra}", style
 
     def show(self, event: Event, client: RelayClient) -> None:
         if event.type == "disconnected":
