@@ -126,7 +126,8 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
             windows = elapsed / (window_ms / 1000)
             result["busy"] = {"commit_to_client_ms": busy, "undelivered": missing, "updates_sent": answer["sent"],
                               "achieved_rate_per_s": round(achieved), "state_queries": queries,
-                              "batches": flushed, "windows": round(windows, 1), "relay_cpu_percent": round(cpu * 100, 1)}
+                              "batches": flushed, "windows": round(windows, 1),
+                              "relay_cpu_percent": round(cpu * 100, 1)}
             figures["busy_rate_per_s"] = bl.figure(round(achieved), "updates/s", args.rate * 0.95, ">=",
                                                    note="the load actually offered")
             figures["busy_with_rows_p50_ms"] = bl.figure(busy.get("p50"), "ms")
