@@ -60,7 +60,7 @@ def _scrub_event(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
 
 
 def configure_logging(level: str = "info", fmt: str = "auto", *, stream: Any = None) -> None:
-    """Set up structlog and route the stdlib loggers (asyncpg, websockets, tenacity) through it."""
+    """Set up structlog and route the stdlib loggers (asyncpg, websockets) through it."""
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     shared: list[Any] = [
@@ -96,5 +96,5 @@ def set_level(level: str) -> None:
     """Change the level live (SIGHUP reload). Libraries stay one notch quieter: their info is per-connection noise."""
     numeric = logging.getLevelName(level.upper())
     logging.getLogger().setLevel(numeric)
-    for noisy in ("websockets", "asyncpg", "tenacity"):
+    for noisy in ("websockets", "asyncpg"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
