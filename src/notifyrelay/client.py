@@ -410,8 +410,10 @@ class RelayClient:
         table = self.state.setdefault(channel, {})
         if kind == "snapshot" and "*" in self._follow.get(channel, ()):
             # A "*" snapshot is the relay's whole list of active keys: what it leaves out is no longer active.
-            for key in [key for key in table if key not in keys]:
+            dropped = tuple(key for key in table if key not in keys and key not in gone)
+            for key in dropped:
                 del table[key]
+            gone += dropped
         now = time.time()
         error = frame.get("state_error")
         for key in keys:

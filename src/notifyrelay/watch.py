@@ -141,7 +141,8 @@ class _Lines:
                 if key in table:
                     self._print(f"{event.channel} {key} {describe_key(table[key], payloads.get(key))}{tag}")
             for key in event.gone:
-                self._print(f"{event.channel} {key} gone")
+                ended = "gone" if key in (frame.get("gone") or ()) else "no longer active (not in the relay's list)"
+                self._print(f"{event.channel} {key} {ended}")
         elif event.type == "resync":
             if frame:
                 self._print(f"resync {event.channel} reason={frame.get('reason')} "
