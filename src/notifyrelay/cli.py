@@ -9,17 +9,15 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
 
 from . import __version__
 from .config import load_config, to_toml
-from .exceptions import ConfigError
+from .exceptions import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ConfigError
 from .ops.log import configure_logging
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,6 +101,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
 
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (``pip install notifyrelay[fast]``), unless
+    ``NOTIFYRELAY_EVENT_LOOP=asyncio``; None (asyncio's own loop) otherwise. ``=uvloop`` without uvloop is an error."""
+    choice = os.environ.get("NOTIFYRELAY_EVENT_LOOP", "asyncio")
+    if choice not in ("auto", "asyncio", "uvloop"):
+        raise ConfigError("must be auto, asyncio or uvloop", source="environment variable NOTIFYRELAY_EVENT_LOOP")
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("uvloop is not installed: pip install 'notifyrelay[fast]'",
+                              source="environment variable NOTIFYRELAY_EVENT_LOOP") from None
+        return None
+    return uvloop.new_event_loop
+
+
 def _run(args: argparse.Namespace) -> int:
     from .ops.workers import is_worker, run_supervisor
 
@@ -120,7 +136,8 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         relay = Relay(config, config_path=args.config, overrides=overrides)
-        asyncio.run(run_until_signalled(relay))
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(run_until_signalled(relay))
     except ConfigError:
         raise
     except OSError as exc:

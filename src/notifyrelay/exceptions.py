@@ -11,6 +11,9 @@ Anything else that escapes a task is a bug: it is logged at the task boundary an
 
 from __future__ import annotations
 
+# Exit statuses of every command: a clean stop, anything unexpected, a usage or configuration error.
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
 
 class NotifyRelayError(Exception):
     """Base of every error notifyrelay raises deliberately."""

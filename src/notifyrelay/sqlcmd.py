@@ -16,28 +16,15 @@ import asyncio
 import os
 import sys
 from collections.abc import Mapping
-from importlib import resources
-from pathlib import Path
 from typing import TextIO
 
 from .config import check_dsn, dsn_password, read_dsn_file, redact_dsn
-from .exceptions import ConfigError
+from .exceptions import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ConfigError
 from .ops.log import register_secret, scrub
-from .sqlfiles import read_sql
+from .sqlfiles import example_names, read_sql
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 # Any constant will do, as long as every installer uses the same one.
 INSTALL_LOCK_KEY = 0x6E72_7371  # "nrsq"
-
-
-def example_names() -> list[str]:
-    """The worked examples shipped in ``sql/examples/`` (file names without ``.sql``)."""
-    packaged = resources.files("notifyrelay").joinpath("sql", "examples")
-    if packaged.is_dir():
-        names = [entry.name for entry in packaged.iterdir()]
-    else:
-        names = [p.name for p in (Path(__file__).resolve().parents[2] / "sql" / "examples").glob("*.sql")]
-    return sorted(name.removesuffix(".sql") for name in names if name.endswith(".sql"))
 
 
 def install_script(examples: list[str]) -> list[tuple[str, str]]:
