@@ -244,3 +244,38 @@ def test_a_line_says_status_counts_percent_rate_eta_stall_and_message() -> None:
     unknown = KeyState(row={}, progress=Progress(done=7, status="running"))
     assert describe_key(unknown) == "running 7/? - eta -"
     assert describe_key(KeyState(), payload={"state": "stable"}) == 'changed payload={"state":"stable"}'
+
+
+async def test_forbidden_key_exits_2_with_the_relays_sentence(
+    make_relay: RelayFactory, watches: Watches, tmp_path: Path
+) -> None:
+    """In auth mode jwt, a key outside the token's claim ends watch with status 2 and the relay's sentence."""
+    import time
+
+    import jwt
+
+    secret = "watch-test secret, at least thirty-two bytes long"
+    (tmp_path / "secret").write_text(secret)
+    relay = await make_relay(**{"auth.mode": "jwt", "auth.jwt_secret_file": str(tmp_path / "secret")})
+    token = jwt.encode({"sub": "w", "exp": int(time.time()) + 600, "channels": {"activity_progress": ["42"]}},
+                       secret, "HS256")
+    watch = await watches(relay.server.url, "--channel", "activity_progress", "--key", "43", "--token", token)
+    assert await watch.exit_status() == 2
+    said = await watch.stderr()
+    assert said.startswith("notifyrelay watch: ") and "activity_progress" in said
+
+
+async def test_until_done_with_every_key_waits_for_all_of_them(
+    make_relay: RelayFactory, watches: Watches, jobs: Jobs
+) -> None:
+    """Without --key, --until-done follows every key the relay lists and exits 0 once all of them are complete."""
+    await jobs.set(1, "running", 1, 2)
+    await jobs.set(2, "running", 1, 2)
+    relay = await make_relay(channels=[jobs.channel()])
+    watch = await watches(relay.server.url, "--channel", jobs.name, "--until-done")
+    await watch.line_with(f"{jobs.name} 2 running 1/2")
+    await jobs.set(1, "complete", 2, 2)
+    await watch.line_with(f"{jobs.name} 1 complete")
+    assert watch.process.returncode is None
+    await jobs.set(2, "complete", 2, 2)
+    assert await watch.exit_status() == 0
