@@ -528,10 +528,13 @@ async def test_curl_follows_a_stream_until_sigterm_ends_it_cleanly(database: Dat
     )
     curls: list[asyncio.subprocess.Process] = []
     try:
-        async with asyncio.timeout(15):
-            while not await asyncio.to_thread(ready, port):
-                assert daemon.poll() is None, "the daemon exited"
-                await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 30
+        while not await asyncio.to_thread(ready, port):
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                daemon.kill()
+                assert daemon.stderr is not None
+                pytest.fail(f"the daemon did not get ready:\n{daemon.stderr.read().decode()[-3000:]}")
+            await asyncio.sleep(0.1)
         for path in ("/stream", "/sse"):
             curls.append(await asyncio.create_subprocess_exec(
                 "curl", "-N", "-sS", "--fail-with-body", f"http://127.0.0.1:{port}{path}?channel={CHANNEL}&key=42",
