@@ -522,18 +522,19 @@ async def test_curl_follows_a_stream_until_sigterm_ends_it_cleanly(database: Dat
     config = tmp_path / "relay.toml"
     write_config(config, database.dsn, port)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "notifyrelay", "run", "--config", str(config), "--log-format", "json"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-    )
+    log = tmp_path / "relay.log"  # a file, not a pipe: a pipe nobody reads would block the daemon once full
+    with log.open("wb") as log_file:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "notifyrelay", "run", "--config", str(config), "--log-format", "json"],
+            stdout=subprocess.DEVNULL, stderr=log_file, env=env,
+        )
     curls: list[asyncio.subprocess.Process] = []
     try:
         deadline = time.monotonic() + 30
         while not await asyncio.to_thread(ready, port):
             if daemon.poll() is not None or time.monotonic() > deadline:
                 daemon.kill()
-                assert daemon.stderr is not None
-                pytest.fail(f"the daemon did not get ready:\n{daemon.stderr.read().decode()[-3000:]}")
+                pytest.fail(f"the daemon did not get ready:\n{log.read_text()[-3000:]}")
             await asyncio.sleep(0.1)
         for path in ("/stream", "/sse"):
             curls.append(await asyncio.create_subprocess_exec(
@@ -572,8 +573,6 @@ async def test_curl_follows_a_stream_until_sigterm_ends_it_cleanly(database: Dat
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait(10)
-        if daemon.stderr:
-            daemon.stderr.close()
 
 
 # A real SSE client library.
