@@ -256,6 +256,58 @@ async def test_since_in_a_subscribe_frame(
     assert (after("a", replay["keys"]), replay.get("replay")) == (["b"], True)
 
 
+@pytest.fixture
+async def table(database: Database) -> AsyncIterator[str]:
+    """A table of this test's own with two rows; its name is also the state channel's."""
+    name = f"resume_{int(time.time() * 1000) % 10_000_000}"
+    conn = await asyncpg.connect(database.dsn)
+    try:
+        await conn.execute(f"CREATE TABLE {name} (id bigint PRIMARY KEY, status text NOT NULL, done integer);"
+                           f"INSERT INTO {name} VALUES (1, 'running', 0), (2, 'running', 0)")
+        yield name
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {name}")
+        await conn.close()
+
+
+@TRANSPORTS
+async def test_on_a_state_channel_a_replay_carries_fresh_rows_else_a_snapshot(
+    transport: str, make_relay: RelayFactory, database: Database, follow: Follow, table: str,
+) -> None:
+    """On a state channel, a resume the relay can vouch for is a replay carrying the changed keys' current rows; one
+    it cannot is a snapshot of every followed key (not a resync)."""
+    relay = await make_relay(**{
+        "coalesce.window_ms": 0, "history.overlap_ms": 0,
+        "channels": [{"name": table, "state": {"table": table, "columns": ["status", "done"]}}],
+    })
+    query = f"?channel={table}&key=1&key=2"
+    first = await follow(relay, transport, query)
+    assert (await first.next())["type"] == "snapshot"
+
+    async def done(key: int, value: int) -> int:
+        conn = await asyncpg.connect(database.dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute(f"UPDATE {table} SET done = $2 WHERE id = $1", key, value)
+                await conn.execute("SELECT pg_notify($1, $2)", table, str(key))
+        finally:
+            await conn.close()
+        frame = await first.next()
+        assert frame["keys"] == [str(key)] and frame["rows"][str(key)]["done"] == value, frame
+        ts: int = frame["ts"]
+        return ts
+
+    since = await done(1, 10)
+    await done(2, 7)  # while the client is away
+    replay = await (await follow(relay, transport, f"{query}&since={since}")).next()
+    assert (replay["type"], replay.get("replay"), after("1", replay["keys"])) == ("notify", True, ["2"])
+    assert replay["rows"]["2"] == {"status": "running", "done": 7}
+    snapshot = await (await follow(relay, transport, f"{query}&since={since - 3_600_000}")).next()
+    assert snapshot["type"] == "snapshot", snapshot
+    assert snapshot["rows"] == {"1": {"status": "running", "done": 10}, "2": {"status": "running", "done": 7}}
+    assert relay.metrics.registry.get_sample_value("notifyrelay_resumes_total", {"outcome": "snapshot"}) == 1
+
+
 # When this process cannot vouch for the span: resync with reason history_gap.
 
 
