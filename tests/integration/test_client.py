@@ -32,13 +32,12 @@ class Jobs:
         conn = await asyncpg.connect(self.dsn)
         try:
             await conn.execute(f"""
-                CREATE SCHEMA IF NOT EXISTS notifyrelay;
-                CREATE OR REPLACE FUNCTION notifyrelay.test_notify_id() RETURNS trigger LANGUAGE plpgsql AS $$
+                CREATE OR REPLACE FUNCTION {self.name}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
                 BEGIN PERFORM pg_notify(TG_TABLE_NAME, NEW.id::text); RETURN NULL; END $$;
                 CREATE TABLE {self.name} (id int PRIMARY KEY, status text NOT NULL DEFAULT 'queued',
                                           done int NOT NULL DEFAULT 0, total int, message text);
                 CREATE TRIGGER notify AFTER INSERT OR UPDATE ON {self.name} FOR EACH ROW
-                    EXECUTE FUNCTION notifyrelay.test_notify_id();
+                    EXECUTE FUNCTION {self.name}_notify();
             """)
         finally:
             await conn.close()
