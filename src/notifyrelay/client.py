@@ -317,7 +317,9 @@ class RelayClient:
                 break
             self.connection = "backoff"
             self._became_not_live()
-            delay = self._rng.uniform(0, min(self._backoff_max_s, self._backoff_initial_s * 2**self._attempt))
+            # Full jitter under an exponential cap; the exponent stops growing long before a float would overflow.
+            ceiling = min(self._backoff_max_s, self._backoff_initial_s * 2 ** min(self._attempt, 32))
+            delay = self._rng.uniform(0, ceiling)
             self._attempt += 1
             self.reconnects += 1
             yield Event("disconnected", detail=detail, retry_in_s=delay)
