@@ -21,6 +21,7 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from tests.conftest import ClientFactory, Database, RelayFactory, wait_until
 
@@ -297,3 +298,25 @@ def test_handshakes_shed_the_oldest_and_requeue_on_progress() -> None:
     assert waiting.arrive("newer", 3) == "probe"
     waiting.progressed("gone")  # not waiting: nothing to do
     assert waiting.arrive("alone", 1) == "slow4" and len(waiting) == 3  # a lowered limit sheds one per arrival
+
+
+async def test_a_reload_applies_max_connections_and_allowed_origins_to_the_next_handshake(
+    make_relay: RelayFactory, make_client: ClientFactory, tmp_path: Path, database: Database
+) -> None:
+    """After a reload that lowers server.max_connections and sets allowed_origins (both documented as live), the
+    next handshakes are judged by the new values: 503 past the new limit, 403 from another origin."""
+    relay = await make_relay()
+    await make_client(relay)
+    config = tmp_path / "relay.toml"
+    config.write_text(f'dsn = "{database.dsn}"\n[server]\nmax_connections = 2\n'
+                      f'allowed_origins = ["https://app.example"]\n[[channels]]\nname = "{CHANNEL}"\n')
+    relay.config_path = str(config)
+    relay.overrides = {"server.listen": "127.0.0.1:0"}
+    assert await relay.reload() is True
+    with pytest.raises(InvalidStatus) as caught:
+        await connect(relay.server.url, origin="https://evil.example")  # type: ignore[arg-type]
+    assert caught.value.response.status_code == 403
+    await make_client(relay, origin="https://app.example")
+    with pytest.raises(InvalidStatus) as caught:
+        await connect(relay.server.url)
+    assert caught.value.response.status_code == 503

@@ -80,15 +80,23 @@ def raise_nofile_limit() -> tuple[int, int]:
         except (ValueError, OSError):
             continue
         break
+    return current_nofile_limit()
+
+
+def current_nofile_limit() -> tuple[int, int]:
+    """RLIMIT_NOFILE as (soft, hard), an unlimited value as 2**31."""
+    if resource is None:  # pragma: no cover
+        return (2**31, 2**31)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     unlimited = resource.RLIM_INFINITY
     return (2**31 if soft == unlimited else soft, 2**31 if hard == unlimited else hard)
 
 
-def check_file_descriptors(config: Config) -> int:
-    """Raise the soft RLIMIT_NOFILE, then refuse to start (ConfigError naming ``server.max_connections``) when it
-    cannot hold max_connections + max_handshakes + headroom. Returns the limit in force."""
-    soft, hard = raise_nofile_limit()
+def check_file_descriptors(config: Config, *, raise_limit: bool = True) -> int:
+    """Raise the soft RLIMIT_NOFILE (unless told not to), then refuse to start (ConfigError naming
+    ``server.max_connections``) when it cannot hold max_connections + max_handshakes + headroom. Returns the limit
+    in force."""
+    soft, hard = raise_nofile_limit() if raise_limit else current_nofile_limit()
     settings = config.server
     headroom = FD_HEADROOM + config.state.pool_size
     needed = settings.max_connections + settings.max_handshakes + headroom

@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..auth import Authenticator
 from ..config import Config, is_loopback, parse_listen
 from ..delivery.hub import Hub, peer_of
-from ..exceptions import ProtocolError
+from ..exceptions import ConfigError, ProtocolError
 from ..ops.health import Readiness
 from ..ops.metrics import Metrics
 from .capacity import AcceptErrors, Handshakes, check_file_descriptors
@@ -390,7 +390,7 @@ class RelayServer:
     def __init__(
         self, config: Config, hub: Hub, readiness: Readiness, metrics: Metrics, *, reuse_port: bool = False,
     ) -> None:
-        self.config = config
+        self._config = config
         self.hub = hub
         self.readiness = readiness
         self.metrics = metrics
@@ -403,6 +403,21 @@ class RelayServer:
         self.accept_errors = AcceptErrors(metrics.accept_errors)
         self.main: asyncio.Server | None = None
         self.admin: asyncio.Server | None = None
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A reload: the gate judges the next handshake by the new limits and origins (max_handshakes is read
+        where it is used). Descriptors were counted at start: a limit they no longer fit is logged, not refused."""
+        self._config = config
+        self.gate.settings = config.server
+        try:
+            check_file_descriptors(config, raise_limit=False)
+        except ConfigError as exc:
+            log.warning("server.file_descriptors_short", error=str(exc))
 
     @property
     def accepting(self) -> bool:
