@@ -3,6 +3,7 @@ supervisor; and resume from one relay process to another on the same database (w
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -23,6 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from notifyrelay.config import load_config
+from notifyrelay.ops.worker_reports import read_workers
+from notifyrelay.ops.workers import Supervisor as WorkerSupervisor
 from tests.conftest import Client, ClientFactory, Database, RelayFactory, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -411,3 +415,23 @@ async def test_the_admin_port_is_shared_too(start_supervisor: Any, tmp_path: Pat
         assert (await supervisor.get("/readyz"))[0] == 404
         status, body = await supervisor.get("/metrics", port=admin)
         assert status == 200 and b'notifyrelay_listener_up{worker="1"}' in body
+
+
+async def test_a_hung_worker_is_killed_and_restarted(tmp_path: Path, database: Database) -> None:
+    """A worker whose event loop stops turning (SIGSTOP) for longer than the hang timeout is killed by the
+    supervisor and restarted; the supervisor then stops cleanly."""
+    path = tmp_path / "hang.toml"
+    write_config(path, database.dsn, [CHANNEL])
+    args = argparse.Namespace(config=str(path), dsn=None, listen=None, log_level=None, log_format="json")
+    supervisor = WorkerSupervisor(load_config(path, environ={}), args, hang_timeout_s=4)
+    running = asyncio.create_task(supervisor.run())
+    try:
+        await wait_until(lambda: supervisor.directory is not None and len(supervisor.processes) == 2
+                         and all(state.ready for state in read_workers(supervisor.directory, 2)), timeout=15)
+        victim = supervisor.processes[1].pid
+        os.kill(victim, signal.SIGSTOP)
+        await wait_until(lambda: 1 in supervisor.processes and supervisor.processes[1].pid != victim, timeout=20)
+        assert not alive(victim)
+    finally:
+        supervisor.request_stop()
+        assert await asyncio.wait_for(running, 30) == 0
