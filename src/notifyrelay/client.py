@@ -129,8 +129,16 @@ class Event:
     retry_in_s: float | None = None
 
 
-def url_hint(url: str) -> str | None:
-    """The websocket URL the user probably meant, when ``url`` is not one (``http://h:8765`` -> ``ws://h:8765/ws``)."""
+# The relay's other paths: a URL ending in one of them is surely not its websocket.
+_RELAY_PATHS = ("/ui", "/sse", "/stream", "/healthz", "/readyz", "/metrics", "/client.js")
+
+
+def url_hint(url: str, *, certain: bool = True) -> str | None:
+    """The websocket URL the user meant, when ``url`` is surely not one (``http://h:8765`` -> ``ws://h:8765/ws``).
+
+    Surely not: an http(s) URL, no path, or another path of the relay's. Any other path may be a reverse proxy's
+    own name for ``/ws``; with ``certain=False`` the guess (the path + ``/ws``) is returned for it too.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -139,13 +147,16 @@ def url_hint(url: str) -> str | None:
     if scheme not in ("ws", "wss") or not parts.netloc:
         return None
     path = parts.path.rstrip("/")
+    surely = scheme != parts.scheme or not path
     if not path.endswith("/ws"):
-        # The relay answers websockets on /ws only; keep a prefix a reverse proxy may add.
-        for suffix in ("/ui", "/sse", "/stream", "/healthz", "/readyz", "/metrics", "/client.js"):
-            path = path.removesuffix(suffix)
+        for suffix in _RELAY_PATHS:  # keep a prefix a reverse proxy may add
+            if path.endswith(suffix):
+                path, surely = path.removesuffix(suffix), True
         path += "/ws"
     suggestion = urlunsplit((scheme, parts.netloc, path, parts.query, ""))
-    return None if suggestion == url else suggestion
+    if suggestion == url or (certain and not surely and parts.path.rstrip("/") != path):
+        return None
+    return suggestion
 
 
 class RelayClient:
@@ -528,7 +539,7 @@ def _http_message(status: int, body: str, url: str) -> str:
     except msgspec.DecodeError:
         pass
     message = f"HTTP {status}" + (f": {body}" if body else "")
-    hint = url_hint(url)
+    hint = url_hint(url, certain=False)
     if status == 404 and hint:
         message += f" (the relay's websocket is at {hint})"
     return message

@@ -311,3 +311,6 @@ def test_url_hint_names_the_websocket_url() -> None:
     assert url_hint("http://relay:8765/ws") == "ws://relay:8765/ws"
     assert url_hint("ws://relay:8765/ws") is None
     assert url_hint("not a url") is None
+    # A path of a reverse proxy's own may well lead to /ws: only a 404 makes the guess worth saying.
+    assert url_hint("wss://example.com/live") is None
+    assert url_hint("wss://example.com/live", certain=False) == "wss://example.com/live/ws"

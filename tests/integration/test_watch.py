@@ -151,11 +151,18 @@ async def test_unknown_channel_exits_2_with_the_relays_sentence(make_relay: Rela
     assert said.startswith("notifyrelay watch: ") and "no_such_channel" in said
 
 
-async def test_a_url_without_ws_gets_the_right_one_as_a_hint(watches: Watches) -> None:
-    """An http:// URL of the relay exits 2 suggesting its ws://HOST:PORT/ws URL, without connecting."""
+async def test_a_url_without_ws_gets_the_right_one_as_a_hint(make_relay: RelayFactory, watches: Watches) -> None:
+    """An http:// URL of the relay exits 2 suggesting its ws://HOST:PORT/ws URL without connecting; another path
+    is tried, and its 404 exits 2 with the same suggestion."""
     watch = await watches("http://127.0.0.1:9/")
     assert await watch.exit_status() == 2
     assert "try: ws://127.0.0.1:9/ws" in await watch.stderr()
+    relay = await make_relay()
+    elsewhere = relay.server.url.removesuffix("/ws") + "/live"
+    watch = await watches(elsewhere)
+    assert await watch.exit_status() == 2
+    said = await watch.stderr()
+    assert "HTTP 404" in said and f"(the relay's websocket is at {elsewhere}/ws)" in said
 
 
 async def test_until_done_survives_a_relay_restart(make_relay: RelayFactory, watches: Watches, jobs: Jobs) -> None:
