@@ -345,11 +345,6 @@ async def test_history_gap_when_changed_keys_were_forgotten(
     assert (after("k3", replay["keys"]), replay.get("replay")) == (["k4", "k5"], True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug (pipeline/history.py changed_since): a change at the very moment counts (ts < moment breaks), but a "
-    "key forgotten at that moment does not make a gap (moment < forgotten_until): with batches sharing a "
-    "millisecond, a client whose position is the first of them misses the forgotten key silently. Fix: "
-    "moment <= self.forgotten_until"))
 def test_a_key_forgotten_at_the_resume_position_is_a_gap() -> None:
     """A client at position 100 that saw batch x but not batch a (both at 100) must not get a replay without a,
     which the memory forgot: history_gap (None) instead."""

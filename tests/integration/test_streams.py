@@ -268,11 +268,6 @@ async def test_shutting_down_is_503(framing: str, make_relay: RelayFactory, open
 
 
 @FRAMINGS
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug (transports/http.py _stream): the URL's subscriptions are checked for unknown_channel and forbidden "
-    "before the 200, but not against max_subscriptions: the stream opens, says too_many_subscriptions in an error "
-    "frame, and stays open following nothing. Fix: before sending the head, refuse 400 too_many_subscriptions when "
-    "the URL's distinct (channel, key) pairs exceed server.max_subscriptions (as Session.subscribe counts them)"))
 async def test_too_many_keys_in_the_url_is_a_400(
     framing: str, make_relay: RelayFactory, open_stream: StreamFactory,
 ) -> None:
@@ -361,11 +356,6 @@ async def test_cors_for_allowed_origins(framing: str, make_relay: RelayFactory, 
         assert "access-control-allow-origin" not in refused.headers
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug (transports/http.py _error/_respond): refusals carry no CORS headers, so a page on an allowed origin "
-    "that fetch()es /stream cannot read the status or the JSON body of a 400, 401, 403 or 503 (the browser reports "
-    "a network error). Fix: add gate.cors_headers(request headers) to every refusal of /sse and /stream, as the 200 "
-    "has them"))
 async def test_refusals_to_an_allowed_origin_carry_cors_headers(
     make_relay: RelayFactory, open_stream: StreamFactory,
 ) -> None:

@@ -45,7 +45,7 @@ class ChannelHistory:
     def changed_since(self, moment: int, wanted: Callable[[str], bool]) -> list[str] | None:
         """The wanted keys that changed after ``moment`` (oldest first), or None when this process cannot vouch
         for everything since then."""
-        if self.listening_since is None or moment < self.listening_since or moment < self.forgotten_until:
+        if self.listening_since is None or moment < self.listening_since or moment <= self.forgotten_until:
             return None
         keys: list[str] = []
         for key, ts in reversed(self._changed.items()):

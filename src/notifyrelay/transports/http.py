@@ -20,6 +20,7 @@ import time
 from functools import cache
 from http import HTTPStatus
 from importlib import resources
+from typing import cast
 from urllib.parse import urlsplit
 
 import h11
@@ -30,7 +31,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..auth import Authenticator
 from ..config import Config, is_loopback, parse_listen
 from ..delivery.hub import Hub, peer_of
-from ..exceptions import ConfigError, ProtocolError
+from ..delivery.session import Grants, Session
+from ..exceptions import ConfigError, ProtocolError, SubscriptionError
 from ..ops.health import Readiness
 from ..ops.metrics import Metrics
 from .capacity import AcceptErrors, Handshakes, check_file_descriptors
@@ -73,7 +75,7 @@ class HttpConnection(asyncio.Protocol):
         self._expiry: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # a stream transport (uvloop's is not an asyncio subclass)
         self.transport = transport
         self.peer = peer_of(transport.get_extra_info("peername"))
         transport.set_write_buffer_limits(high=self.server.config.server.write_high_water_bytes)
@@ -242,7 +244,9 @@ class HttpConnection(asyncio.Protocol):
                  ("Access-Control-Max-Age", "600")]
         self._respond(HTTPStatus.NO_CONTENT, b"", None, headers=cors)
 
-    def _admit(self, request: h11.Request, target: str, query: str) -> tuple[object, StreamRequest] | None:
+    def _admit(
+        self, request: h11.Request, target: str, query: str, cors: list[tuple[str, str]],
+    ) -> tuple[object, StreamRequest] | None:
         """The gate, then the query string: the admission and what the URL asks for, or None (answered)."""
         server = self.server
         headers = headers_of(request.headers)
@@ -252,10 +256,10 @@ class HttpConnection(asyncio.Protocol):
             wanted = parse_query(query, max_key_bytes=server.config.server.max_key_bytes,
                                  last_event_id=last_event_id[-1] if last_event_id else None)
         except Refusal as refusal:
-            self._error(refusal.status, refusal.code, refusal.message, refusal.headers)
+            self._error(refusal.status, refusal.code, refusal.message, refusal.headers + cors)
             return None
         except ProtocolError as exc:
-            self._error(HTTPStatus.BAD_REQUEST, exc.code, exc.message)
+            self._error(HTTPStatus.BAD_REQUEST, exc.code, exc.message, cors)
             return None
         return admission, wanted
 
@@ -296,38 +300,22 @@ class HttpConnection(asyncio.Protocol):
 
     def _stream(self, request: h11.Request, target: str, query: str, kind: str, content_type: str) -> None:
         server = self.server
-        admitted = self._admit(request, target, query)
+        # A browser on an allowed origin may read the refusals too, not only the stream.
+        cors = server.gate.cors_headers(headers_of(request.headers))
+        admitted = self._admit(request, target, query, cors)
         if admitted is None:
             return
         admission, wanted = admitted
-        if not wanted.subscribes:
-            self._error(HTTPStatus.BAD_REQUEST, "bad_request",
-                        f"name what to follow: {'/sse' if kind == 'sse' else '/stream'}?channel=NAME&key=KEY")
-            return
-        for subscribe in wanted.subscribes:
-            if subscribe.channel not in server.hub.channels:
-                self._error(HTTPStatus.BAD_REQUEST, "unknown_channel",
-                            f"channel {subscribe.channel[:64]!r} is not relayed here; relayed channels: "
-                            f"{', '.join(server.hub.channels)}")
-                return
-        no_progress = [s.channel for s in wanted.subscribes if s.channel not in server.hub.progress_channels]
-        if wanted.until_done and no_progress:
-            self._error(HTTPStatus.BAD_REQUEST, "bad_request",
-                        f"until=done needs progress settings ([channels.progress], on a state channel) for "
-                        f"{no_progress[0]!r}, and this relay has none for it")
-            return
         grant = getattr(admission, "grant", None)
         channels = grant.channels if grant else None
-        for subscribe in wanted.subscribes:
-            if channels is not None:
-                allowed = channels.get(subscribe.channel, frozenset())
-                if allowed is not None and not all(key in allowed for key in subscribe.keys):
-                    self._error(HTTPStatus.FORBIDDEN, "forbidden",
-                                f"your token does not allow following these keys on {subscribe.channel!r}")
-                    return
+        try:
+            self._check_stream(kind, wanted, channels)
+        except Refusal as refusal:
+            self._error(refusal.status, refusal.code, refusal.message, refusal.headers + cors)
+            return
         chunked = request.http_version == b"1.1"
         head_headers = [("Content-Type", content_type), ("Cache-Control", "no-store"), ("X-Accel-Buffering", "no"),
-                        *self.server.gate.cors_headers(headers_of(request.headers))]
+                        *cors]
         head_headers.append(("Transfer-Encoding", "chunked") if chunked else ("Connection", "close"))
         head = self.h11.send(h11.Response(status_code=200, headers=head_headers, reason=b"OK")) or b""
         assert self.transport is not None
@@ -340,6 +328,31 @@ class HttpConnection(asyncio.Protocol):
         if grant is not None:
             self._expire_at(grant.expires_at, upgraded)
 
+    def _check_stream(self, kind: str, wanted: StreamRequest, grants: Grants | None) -> None:
+        """A stream's subscriptions are its URL: refuse (Refusal, before any byte of the stream) what a websocket
+        would answer with an error frame. The grant and limit rules are the session's own, tried on a scratch one."""
+        hub = self.server.hub
+        if not wanted.subscribes:
+            raise Refusal(HTTPStatus.BAD_REQUEST, "bad_request",
+                          f"name what to follow: {'/sse' if kind == 'sse' else '/stream'}?channel=NAME&key=KEY")
+        for subscribe in wanted.subscribes:
+            if subscribe.channel not in hub.channels:
+                raise Refusal(HTTPStatus.BAD_REQUEST, "unknown_channel",
+                              f"channel {subscribe.channel[:64]!r} is not relayed here; relayed channels: "
+                              f"{', '.join(hub.channels)}")
+        no_progress = [s.channel for s in wanted.subscribes if s.channel not in hub.progress_channels]
+        if wanted.until_done and no_progress:
+            raise Refusal(HTTPStatus.BAD_REQUEST, "bad_request",
+                          f"until=done needs progress settings ([channels.progress], on a state channel) for "
+                          f"{no_progress[0]!r}, and this relay has none for it")
+        scratch = Session(grants=grants, rate_per_s=1.0, burst=1, now=0.0)
+        for subscribe in wanted.subscribes:
+            try:
+                scratch.subscribe(subscribe, limit=self.server.config.server.max_subscriptions)
+            except SubscriptionError as exc:
+                status = HTTPStatus.FORBIDDEN if exc.code == "forbidden" else HTTPStatus.BAD_REQUEST
+                raise Refusal(status, exc.code, exc.message) from None
+
     def _expire_at(self, expires_at: float, upgraded: WebSocketTransport | StreamTransport) -> None:
         """Close with 4001 when the token expires; the client reconnects with a fresh one."""
 
@@ -349,7 +362,7 @@ class HttpConnection(asyncio.Protocol):
             upgraded.close(4001, "token expired")
 
         delay = max(0.0, expires_at - time.time())
-        self._expiry = asyncio.get_running_loop().call_later(min(delay, 2**31 / 1000), expire)
+        self._expiry = asyncio.get_running_loop().call_later(delay, expire)  # asyncio bounds each wait itself
 
     # Answers.
 
