@@ -181,7 +181,9 @@ async def _demo(dsn: str, listen: str) -> None:
         await setup.close()
     config = load_config(
         None,
-        overrides={"dsn": dsn, "server.listen": listen, "server.ui": True, "channels": demo_channels()},
+        overrides={"dsn": dsn, "server.listen": listen, "server.ui": True, "channels": demo_channels(),
+                   # A demo needs few clients, and so starts on hosts with a low file-descriptor limit too.
+                   "server.max_connections": 1000},
     )
     relay = Relay(config)
     worker = asyncio.create_task(simulate_worker(dsn))
