@@ -53,7 +53,7 @@ def test_seq_continues_when_a_channel_is_removed_and_added_back() -> None:
 
 def test_ts_continues_when_a_channel_is_removed_and_added_back() -> None:
     """A channel re-added by a reload resumes from its last ts, so resume positions never go back, even when the
-    wall clock did."""
+    wall clock did (the batch shares the last ts until the clock catches up)."""
     coalescer, sink, clock = make([ChannelConfig(name="c")])
     coalescer._windows["c"]._wall_clock = lambda: 2_000_000_000.0  # a clock far ahead, later set right
     coalescer.ingest([("c", "1", 100.0)])
@@ -61,19 +61,20 @@ def test_ts_continues_when_a_channel_is_removed_and_added_back() -> None:
     coalescer.set_channels([ChannelConfig(name="c")])
     clock[0] = 101.0
     coalescer.ingest([("c", "2", 101.0)])
-    assert [b.ts for b in sink.batches] == [2_000_000_000_000, 2_000_000_000_001]
+    assert [b.ts for b in sink.batches] == [2_000_000_000_000, 2_000_000_000_000]
 
 
-def test_batches_carry_strictly_growing_ts_per_channel() -> None:
-    """Every batch has a ts in Unix ms, strictly growing per channel, however close together they flush."""
+def test_batches_carry_non_decreasing_ts_per_channel() -> None:
+    """Every batch has a ts in Unix ms, never going back per channel however close together they flush (batches
+    within one millisecond share it), and never ahead of the wall clock."""
     coalescer, sink, clock = make([ChannelConfig(name="c"), ChannelConfig(name="d")])
     for step in range(20):
         clock[0] = 100.0 + step * 0.25  # each one a window after the last: flushed at once
         coalescer.ingest([("c", str(step), clock[0]), ("d", str(step), clock[0])])
     for channel in ["c", "d"]:
         stamps = [b.ts for b in sink.batches if b.channel == channel]
-        assert len(stamps) == 20 and stamps == sorted(set(stamps))
-        assert abs(stamps[-1] - datetime.now(UTC).timestamp() * 1000) < 60_000
+        assert len(stamps) == 20 and stamps == sorted(stamps)
+        assert -1 < datetime.now(UTC).timestamp() * 1000 - stamps[-1] < 60_000  # 1 ms: datetime rounds to µs
 
 
 def test_sustained_overflow_is_reported_at_most_once_per_window() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from notifyrelay.pipeline.history import ChannelHistory
@@ -27,23 +27,36 @@ def test_nothing_is_vouched_for_before_the_channel_is_listened() -> None:
     assert history.changed_since(10**12, everything) is None
 
 
-def test_changed_since_returns_keys_changed_after_the_moment_oldest_first() -> None:
-    """Keys changed strictly after the moment come back once each, ordered by their last change."""
+def test_changed_since_returns_keys_changed_at_or_after_the_moment_oldest_first() -> None:
+    """Keys changed at or after the moment come back once each, ordered by their last change."""
     history = listening()
     history.record(["a", "b"], 1, 100)
     history.record(["c"], 2, 200)
     history.record(["a"], 3, 300)
     assert history.changed_since(50, everything) == ["b", "c", "a"]
-    assert history.changed_since(100, everything) == ["c", "a"]  # a change at exactly the moment was seen
-    assert history.changed_since(300, everything) == []
+    assert history.changed_since(100, everything) == ["b", "c", "a"]  # a change at exactly the moment counts
+    assert history.changed_since(101, everything) == ["c", "a"]
+    assert history.changed_since(300, everything) == ["a"]
+    assert history.changed_since(301, everything) == []
     assert (history.seq, history.ts, len(history)) == (3, 300, 3)
+
+
+def test_batches_sharing_a_ts_are_all_replayed_from_that_moment() -> None:
+    """Batches flushed within one millisecond share their ts, so a resume from that ts replays every one of them,
+    including those after the frame the client last saw."""
+    history = listening()
+    history.record(["a"], 1, 100)
+    history.record(["b"], 2, 100)
+    history.record(["c"], 3, 100)
+    assert history.changed_since(100, everything) == ["a", "b", "c"]
+    assert (history.seq, history.ts) == (3, 100)
 
 
 def test_changed_since_keeps_only_wanted_keys() -> None:
     """Only keys the client follows are replayed."""
     history = listening()
     history.record(["a", "b", "c"], 1, 100)
-    assert history.changed_since(0, lambda key: key != "b") == ["a", "c"]
+    assert history.changed_since(100, lambda key: key != "b") == ["a", "c"]
 
 
 def test_a_moment_before_the_last_gap_is_refused() -> None:
@@ -72,7 +85,18 @@ def test_forgetting_the_oldest_key_refuses_resumes_from_before_its_change() -> N
     history.record(["c"], 3, 300)  # forgets "a", changed at 100
     assert len(history) == 2 and history.forgotten_until == 100
     assert history.changed_since(99, everything) is None
-    assert history.changed_since(100, everything) == ["b", "c"]
+    assert history.changed_since(101, everything) == ["b", "c"]
+
+
+def test_a_key_forgotten_at_the_very_moment_refuses_the_resume() -> None:
+    """changed_since is inclusive, so a key forgotten with its change at exactly the moment would be a silent loss:
+    the history refuses rather than answering without it."""
+    history = listening(max_keys=2)
+    history.record(["a"], 1, 100)
+    history.record(["b"], 2, 100)  # the same millisecond
+    history.record(["c"], 3, 200)  # forgets "a", changed at 100
+    assert history.forgotten_until == 100
+    assert history.changed_since(100, everything) is None
 
 
 def test_a_key_changing_again_is_the_most_recent_and_not_forgotten() -> None:
@@ -83,7 +107,7 @@ def test_a_key_changing_again_is_the_most_recent_and_not_forgotten() -> None:
     history.record(["a"], 3, 300)
     history.record(["c"], 4, 400)  # forgets "b", not "a"
     assert history.forgotten_until == 200
-    assert history.changed_since(200, everything) == ["a", "c"]
+    assert history.changed_since(201, everything) == ["a", "c"]
 
 
 def test_seq_and_ts_only_grow() -> None:
@@ -97,29 +121,31 @@ def test_seq_and_ts_only_grow() -> None:
 # Generated histories against a plain model: "the last change of each key".
 
 changes = st.lists(
-    st.tuples(st.lists(st.sampled_from("abcdefgh"), min_size=1, max_size=4), st.integers(min_value=1, max_value=50)),
+    st.tuples(st.lists(st.sampled_from("abcdefgh"), min_size=1, max_size=4), st.integers(min_value=0, max_value=50)),
     max_size=40,
 )
 
 
 @settings(max_examples=300)
 @given(changes, st.integers(min_value=1, max_value=8), st.integers(min_value=0, max_value=1500))
+@example([(["a"], 99), (["b"], 0), (["c"], 100)], 2, 100)  # "a" forgotten, changed at exactly the moment
 def test_a_replay_is_never_a_silent_loss(batches: list[tuple[list[str], int]], max_keys: int, moment: int) -> None:
-    """Whenever the history answers, it names exactly the keys whose last change is after the moment; when it
-    cannot, it says so (None) rather than answering with fewer keys."""
-    history = listening(max_keys=max_keys)
+    """Whenever the history answers, it names exactly the keys whose last change is at or after the moment; when
+    it cannot, it says so (None) rather than answering with fewer keys."""
+    history = listening(max_keys=max_keys, since=1)  # listening from a real moment: ts and moments are Unix ms
     last: dict[str, int] = {}
-    ts = 0
+    ts = 1
     for seq, (keys, step) in enumerate(batches, start=1):
-        ts += step  # batch ts grow strictly per channel (coalescer.ChannelWindow)
+        ts += step  # batch ts never go back per channel, and repeat within a millisecond (coalescer.ChannelWindow)
         history.record(keys, seq, ts)
         for key in keys:
             last[key] = ts
     answer = history.changed_since(moment, everything)
-    expected = sorted((ts, key) for key, ts in last.items() if ts > moment)
+    expected = sorted((ts, key) for key, ts in last.items() if ts >= moment)
     if answer is None:
-        # Refused only because something changed after the moment was forgotten.
-        assert len(last) > max_keys and history.forgotten_until > moment
+        # Refused only for a moment before listening began, or because something changed at or after it was
+        # forgotten.
+        assert moment < 1 or (len(last) > max_keys and history.forgotten_until >= moment)
         return
     assert sorted(answer) == sorted(key for _, key in expected)
     assert [last[key] for key in answer] == sorted(last[key] for key in answer)

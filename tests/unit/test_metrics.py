@@ -11,15 +11,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from notifyrelay import __version__
 from notifyrelay.config import ChannelConfig
 from notifyrelay.ops.metrics import Metrics
+from notifyrelay.ops.worker_reports import relay_metrics
 from notifyrelay.pipeline.coalescer import ChannelWindow, KeyExtractor
 
-# SPEC's list: name (without the prefix) -> (type, label names).
+# SPEC's list: name (without the prefix) -> (type, label names). v2 labels clients and messages_sent by transport.
 SPEC_METRICS = {
     "notifications_received": ("counter", {"channel"}),
     "notifications_coalesced": ("counter", {"channel"}),
     "batches": ("counter", {"channel"}),
-    "messages_sent": ("counter", {"type"}),
-    "clients": ("gauge", set()),
+    "messages_sent": ("counter", {"type", "transport"}),
+    "clients": ("gauge", {"transport"}),
     "subscriptions": ("gauge", {"channel"}),
     "listener_up": ("gauge", set()),
     "listener_reconnects": ("counter", set()),
@@ -27,12 +28,26 @@ SPEC_METRICS = {
     "pg_notification_queue_usage": ("gauge", set()),
     "build_info": ("gauge", {"version"}),
 }
-# What issue 4 adds for operators.
+# SPEC v2's additions: live state, resume, several workers.
+SPEC_V2_METRICS = {
+    "state_queries": ("counter", {"channel", "outcome"}),
+    "state_query_seconds": ("histogram", {"channel"}),
+    "snapshots": ("counter", {"channel"}),
+    "resumes": ("counter", {"outcome"}),
+    "history_keys": ("gauge", {"channel"}),
+    "stalled_keys": ("gauge", {"channel"}),
+    "workers": ("gauge", set()),
+}
+# What issue 4 and the hardening add for operators.
 OPERATOR_METRICS = {
     "listener_last_heartbeat_timestamp_seconds": ("gauge", set()),
     "listener_connect_failures": ("counter", set()),
+    "listener_connect_attempts": ("counter", set()),
+    "listener_unexpected_errors": ("counter", set()),
+    "listener_undecodable_payloads": ("counter", {"channel"}),
     "listener_gap_seconds": ("histogram", set()),
     "heartbeat_seconds": ("histogram", set()),
+    "pg_notification_queue_sampled_timestamp_seconds": ("gauge", set()),
     "ingest_queue_depth": ("gauge", set()),
     "ingest_overflows": ("counter", {"channel"}),
     "bad_payloads": ("counter", {"channel"}),
@@ -43,16 +58,21 @@ OPERATOR_METRICS = {
     "connections_opened": ("counter", set()),
     "connections_closed": ("counter", {"code"}),
     "handshake_rejections": ("counter", {"reason"}),
+    "handshakes": ("gauge", set()),
+    "accept_errors": ("counter", {"errno"}),
     "commit_to_delivery_seconds": ("histogram", {"channel"}),
     "auth_failures": ("counter", {"reason"}),
     "token_expirations": ("counter", set()),
     "connection_limit_rejections": ("counter", set()),
     "subscription_limit_rejections": ("counter", set()),
+    "total_subscription_limit_rejections": ("counter", set()),
+    "handshakes_shed": ("counter", set()),
     "oversized_frames": ("counter", set()),
     "oversized_keys": ("counter", set()),
     "rate_limited_frames": ("counter", set()),
     "handshake_timeouts": ("counter", set()),
     "keepalive_timeouts": ("counter", set()),
+    "state_rows_dropped": ("counter", {"channel", "reason"}),
 }
 
 
@@ -66,29 +86,44 @@ def families(metrics: Metrics) -> dict[str, tuple[str, set[str]]]:
 
 
 def populated() -> Metrics:
-    """A registry with one sample in every labelled family, so that their label names show."""
-    metrics = Metrics()
+    """The metrics a relay running alone exports, with one sample in every labelled family, so that their label
+    names show."""
+    metrics = relay_metrics(None)
     metrics.declare_channel("activity_progress", commit_time=True)
-    metrics.messages_sent.labels("notify").inc()
+    metrics.clients.labels("websocket").set(1)
+    metrics.messages_sent.labels("notify", "sse").inc()
     metrics.bytes_sent.labels("notify").inc(10)
     metrics.client_errors.labels("bad_json").inc()
     metrics.connections_closed.labels("1000").inc()
     metrics.handshake_rejections.labels("origin").inc()
     metrics.auth_failures.labels("expired").inc()
+    metrics.accept_errors.labels("EMFILE").inc()
+    metrics.listener_undecodable_payloads.labels("activity_progress").inc()
+    metrics.state_queries.labels("activity_progress", "ok").inc()
+    metrics.state_query_seconds.labels("activity_progress").observe(0.01)
+    metrics.state_rows_dropped.labels("activity_progress", "too_large").inc()
+    metrics.snapshots.labels("activity_progress").inc()
+    metrics.stalled_keys.labels("activity_progress").set(1)
+    metrics.resumes.labels("replayed").inc()
+    metrics.history_keys.labels("activity_progress").set(3)
     return metrics
 
 
-@pytest.mark.parametrize("catalogue", [SPEC_METRICS, OPERATOR_METRICS], ids=["spec", "operator"])
+@pytest.mark.parametrize(
+    "catalogue", [SPEC_METRICS, SPEC_V2_METRICS, OPERATOR_METRICS], ids=["spec", "spec_v2", "operator"]
+)
 def test_every_metric_exists_with_its_type_and_labels(catalogue: dict[str, tuple[str, set[str]]]) -> None:
-    """Each metric SPEC and issue 4 name is exported under notifyrelay_ with the right type and label names."""
+    """Each metric SPEC (v1 and v2) and the operator issues name is exported under notifyrelay_ with the right type
+    and label names."""
     found = families(populated())
     for name, (kind, labels) in catalogue.items():
         assert found.get(f"notifyrelay_{name}") == (kind, labels), name
 
 
 def test_no_metric_is_labelled_by_key() -> None:
-    """Labels stay low-cardinality: channel, frame type, code, reason or version, never a notification key."""
-    allowed = {"channel", "type", "code", "reason", "version"}
+    """Labels stay low-cardinality (channel, frame type, transport, code, errno, reason, outcome or version), never
+    a notification key."""
+    allowed = {"channel", "type", "transport", "code", "errno", "reason", "outcome", "version"}
     for name, (_, labels) in families(populated()).items():
         if name.startswith("notifyrelay_"):
             assert labels <= allowed, name

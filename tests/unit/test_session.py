@@ -264,7 +264,7 @@ def test_a_state_channel_catches_up_with_a_refresh_of_its_folded_keys() -> None:
     session.stalled = False
     assert not session.takes_live("s")  # its refresh is on its way: live batches wait for it
     assert session.catch_up(LATER, 300) == ([], [])  # and a second drain asks for no second refresh
-    assert session.claim_pending("s") == (["2", "1"], False)
+    assert session.claim_pending("s") == (["2", "1"], False, None)
     session.end_refresh("s")
     assert session.takes_live("s") and session.pending == {}
 
@@ -277,7 +277,7 @@ def test_a_lagged_state_channel_asks_for_a_refresh_of_everything() -> None:
     session.fold("s", 1, 100, ["1", "2", "3"], None, max_keys=2, now=MOMENT)
     frames, refreshes = session.catch_up(LATER, 200)
     assert frames == [] and refreshes == [Refresh("s", None, None, "slow_client")]
-    assert session.claim_pending("s") == ([], True)
+    assert session.claim_pending("s") == ([], True, None)
     assert session.pending["s"].lagged_since is None  # claimed: the refresh covers the lag
 
 
@@ -294,7 +294,7 @@ def test_refreshing_channels_stay_folded_until_end_refresh() -> None:
     assert [frame["channel"] for _, frame, _ in decoded(frames)] == ["d"] and refreshes == []
     session.stalled = False
     assert not session.takes_live("c")
-    assert session.claim_pending("c") == (["x"], False)
+    assert session.claim_pending("c") == (["x"], False, None)
     session.end_refresh("c")
     assert session.takes_live("c") and "c" not in session.pending
 
@@ -304,7 +304,7 @@ def test_end_refresh_keeps_keys_folded_after_the_claim_for_catch_up() -> None:
     session = make()
     follow(session, "c", "*")
     session.begin_refresh("c")
-    assert session.claim_pending("c") == ([], False)
+    assert session.claim_pending("c") == ([], False, None)
     session.fold("c", 2, 200, ["late"], None, max_keys=10, now=MOMENT)
     session.end_refresh("c")
     assert not session.pending["c"].refreshing
@@ -318,9 +318,23 @@ def test_claim_pending_filters_unfollowed_keys_and_resets_the_lag() -> None:
     follow(session, "c", "1")
     session.begin_refresh("c")
     session.fold("c", 1, 100, ["1", "2"], None, max_keys=10, now=MOMENT)
-    assert session.claim_pending("c") == (["1"], False)
-    assert session.claim_pending("c") == ([], False)
-    assert session.claim_pending("never") == ([], False)
+    assert session.claim_pending("c") == (["1"], False, None)
+    assert session.claim_pending("c") == ([], False, None)
+    assert session.claim_pending("never") == ([], False, None)
+
+
+def test_claim_pending_hands_over_the_last_payloads_of_the_folded_keys() -> None:
+    """On a payload channel the claimed keys come with their last payloads, even when the refresh was queued
+    before anything was folded, so a replay or catch-up built from them drops no payload."""
+    session = make()
+    follow(session, "c", "1", "2")
+    session.begin_refresh("c")
+    session.fold("c", 1, 100, ["1", "2"], {"1": "p1", "2": "q1"}, max_keys=10, now=MOMENT)
+    session.fold("c", 2, 200, ["1"], {"1": "p2"}, max_keys=10, now=MOMENT)
+    keys, lagged, payloads = session.claim_pending("c")
+    assert (keys, lagged) == (["1", "2"], False)
+    assert payloads is not None and {key: payloads[key] for key in keys} == {"1": "p2", "2": "q1"}
+    assert session.claim_pending("c")[:2] == ([], False)  # handed over once
 
 
 @settings(max_examples=200)
