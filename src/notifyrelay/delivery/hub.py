@@ -191,10 +191,18 @@ class Hub:
                     everything.append(session)
                 else:
                     groups.setdefault(tuple(keys), []).append(session)
+            # Frames written, by transport, and their bytes: counted here, added to the metrics once per batch (a
+            # prometheus increment takes a lock; with a frame per client it was a fifth of the relay's time).
+            written: dict[str, int] = {}
+            size = 0
             if everything:
-                self._deliver(everything, batch, batch.keys)
+                size += self._deliver(everything, batch, batch.keys, written)
             for group_keys, sessions in groups.items():
-                self._deliver(sessions, batch, list(group_keys))
+                size += self._deliver(sessions, batch, list(group_keys), written)
+            for name, count in written.items():
+                self._sent["notify", name].inc(count)
+            if size:
+                self._bytes["notify"].inc(size)
         now = time.monotonic()
         observe = self._metrics.delivery_latency.observe
         for received in batch.received_at:
@@ -205,12 +213,18 @@ class Hub:
             for committed in batch.committed_at:
                 since_commit(max(0.0, wall - committed))
 
-    def _deliver(self, sessions: list[Session], batch: Batch, keys: list[str]) -> None:
+    def _deliver(self, sessions: list[Session], batch: Batch, keys: list[str], written: dict[str, int]) -> int:
+        """Write one frame of ``keys`` to ``sessions`` (or fold it for those that cannot take it now); count the
+        frames written into ``written`` by transport, and return their bytes. The hot loop of fan-out: _write is
+        inlined."""
         frame: OutFrame | None = None
         channel = batch.channel
         fold_at = None
+        transports = self.transports
+        progress = protocol.finished(batch.state)
+        count = 0
         for session in sessions:
-            if not session.takes_live(channel):
+            if session.stalled or (session.pending and not session.takes_live(channel)):
                 fold_at = fold_at or datetime.now(UTC)
                 session.fold(channel, batch.seq, batch.ts, keys, batch.payloads,
                              max_keys=self.settings.max_pending_keys, now=fold_at)
@@ -219,9 +233,13 @@ class Hub:
                 frame = OutFrame("notify", protocol.notify(
                     channel, batch.seq, batch.ts, keys, batch.payloads, state=batch.state,
                 ), batch.ts)
-            self._write(session, frame)
-            if session.done is not None and batch.state is not None and batch.state.progress:
-                self._note_progress(session, channel, batch.state.progress)
+            transport = transports.get(session)
+            if transport is not None and transport.write(frame):
+                written[transport.name] = written.get(transport.name, 0) + 1
+                count += 1
+            if progress and session.done is not None:
+                self._note_progress(session, channel, progress)
+        return len(frame.body) * count if frame is not None else 0
 
     def send(
         self, session: Session, kind: str, body: bytes, ts: int | None = None, *, channel: str = "",
@@ -234,8 +252,7 @@ class Hub:
             self._note_progress(session, channel, progress)
 
     def _note_progress(self, session: Session, channel: str, progress: Mapping[str, Any]) -> None:
-        followed = session.followed(channel)
-        mine = progress if protocol.WILDCARD in followed else {k: v for k, v in progress.items() if k in followed}
+        mine = {key: figures for key, figures in progress.items() if session.follows_key(channel, key)}
         if session.note_progress(channel, mine):
             transport = self.transports.get(session)
             if transport is not None:
