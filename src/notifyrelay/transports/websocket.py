@@ -20,7 +20,7 @@ import structlog
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request
-from websockets.protocol import State
+from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
@@ -64,7 +64,14 @@ def handshake(
         return ws, b"".join(ws.data_to_send()), False
     response = ws.accept(request)
     ws.send_response(response)
-    return ws, b"".join(ws.data_to_send()), response.status_code == 101
+    opened = response.status_code == 101
+    if opened:
+        # ServerProtocol.parse parses the request, then goes on with ``yield from super().parse()``: its suspended
+        # frame would keep the request and its headers (about 2 KiB) for as long as the connection lives. Go on
+        # with the frame parser alone instead, replaced the way websockets itself replaces ``parser``.
+        ws.parser = Protocol.parse(ws)
+        next(ws.parser)
+    return ws, b"".join(ws.data_to_send()), opened
 
 
 class WebSocketTransport:
