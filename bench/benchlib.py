@@ -205,7 +205,7 @@ class Stack:
                 "",
                 "[server]",
                 f'listen = "127.0.0.1:{port}"',
-                *(f"{k} = {_toml(v)}" for k, v in self.server_extra.items()),
+                *(f"{k} = {_toml(v)}" for k, v in self.server_extra.items() if v is not None),
                 "",
                 "[coalesce]",
                 f"window_ms = {self.window_ms}",

@@ -155,3 +155,9 @@ async def make_client() -> AsyncIterator[ClientFactory]:
     yield open_client
     for client in clients:
         await client.connection.close()
+
+
+def sample(metrics: Any, name: str, **labels: str) -> float:
+    """A metric's value read through the registry's public API (0 before its first sample)."""
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else float(value)

@@ -171,7 +171,10 @@ class Relay:
         self.hub.set_channels(names, self.pipeline.stateful(), progress=_progress_channels(new))
         self.coalescer.set_channels(new.channels)
         self.listener.settings = new.listener
+        added = [name for name in names if name not in self.listener.channels]
         await self.listener.set_channels(names)
+        if self.listener.up:
+            self.pipeline.mark_listening(added)
         self.server.config = self.config = new
         log.info("relay.reloaded", channels=names)
         await self._check_states(new)

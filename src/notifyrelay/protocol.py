@@ -183,6 +183,17 @@ def _add_rows(frame: dict[str, Any], keys: list[str], state: Rows) -> None:
             frame["state_error_keys"] = [key for key in state.error_keys if key in wanted]
 
 
+def finished(state: Rows | None) -> dict[str, Any] | None:
+    """``state``'s progress with its gone keys marked terminal: what ``until=done`` watches (a key whose row is gone
+    will never finish, so waiting for it would never end)."""
+    if state is None or (state.progress is None and not state.gone):
+        return None
+    marks: dict[str, Any] = dict(state.progress or {})
+    for key in state.gone:
+        marks[key] = {"terminal": True, "gone": True}
+    return marks
+
+
 def notify(
     channel: str,
     seq: int,

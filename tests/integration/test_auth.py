@@ -22,7 +22,7 @@ from websockets.typing import Subprotocol
 
 from notifyrelay.app import Relay
 from notifyrelay.ops.log import configure_logging
-from tests.conftest import Client, ClientFactory, Database, RelayFactory
+from tests.conftest import Client, ClientFactory, Database, RelayFactory, sample
 
 CHANNEL = "activity_progress"
 SECRET = "integration-test secret, at least thirty-two bytes long"
@@ -54,7 +54,7 @@ async def refused(relay: Relay, query: str = "", **kwargs: Any) -> InvalidStatus
 
 
 def auth_failures(relay: Relay, reason: str) -> float:
-    return relay.metrics.auth_failures.labels(reason)._value.get()
+    return sample(relay.metrics, "notifyrelay_auth_failures_total", reason=reason)
 
 
 async def test_missing_token_is_refused_with_401(relay: Relay) -> None:
@@ -163,7 +163,7 @@ async def test_connection_is_closed_with_4001_when_its_token_expires(relay: Rela
     with pytest.raises(ConnectionClosed):
         await client.recv(timeout=3)
     assert client.connection.close_code == 4001
-    assert relay.metrics.token_expirations._value.get() == 1
+    assert sample(relay.metrics, "notifyrelay_token_expirations_total") == 1
     exc = await refused(relay, additional_headers={"Authorization": f"Bearer {short}"})
     assert exc.response.status_code == 401
 
@@ -212,7 +212,7 @@ async def test_origin_allowlist(make_relay: RelayFactory, make_client: ClientFac
     relay = await make_relay(**{"server.allowed_origins": ["https://app.example"]})
     exc = await refused(relay, origin="https://evil.example")
     assert exc.response.status_code == 403
-    assert relay.metrics.handshake_rejections.labels("origin")._value.get() == 1
+    assert sample(relay.metrics, "notifyrelay_handshake_rejections_total", reason="origin") == 1
     assert isinstance(await make_client(relay, origin="https://app.example"), Client)
     assert isinstance(await make_client(relay), Client)
 

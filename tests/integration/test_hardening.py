@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from tests.conftest import ClientFactory, Database, RelayFactory, wait_until
+from tests.conftest import ClientFactory, Database, RelayFactory, sample, wait_until
 
 CHANNEL = "activity_progress"
 SECRET = "a hardening secret of at least thirty-two bytes"
@@ -124,7 +124,7 @@ async def test_relay_wide_subscription_cap(make_relay: RelayFactory, make_client
     assert "relay-wide limit of 6" in answer["message"]
     answer = await second.subscribe(CHANNEL, ["6", "7"])  # all or nothing: neither key is taken
     assert answer["code"] == "too_many_subscriptions"
-    assert relay.metrics.limit_hits["max_total_subscriptions"]._value.get() == 2
+    assert sample(relay.metrics, "notifyrelay_total_subscription_limit_rejections_total") == 2
     assert (await second.subscribe(CHANNEL, ["5"]))["type"] == "ack"  # held already: costs nothing
     await first.send({"op": "unsubscribe", "channel": CHANNEL, "keys": ["1", "2"]})
     assert (await first.recv())["type"] == "ack"
@@ -279,7 +279,7 @@ async def test_accept_errors_are_logged_once_per_interval_with_a_count(
         loop.call_exception_handler({"message": "something else entirely"})
     failed = [e for e in events if e["event"] == "server.accept_failed"]
     assert len(failed) == 1 and failed[0]["errno"] == "EMFILE" and "exc_info" not in failed[0], failed
-    assert relay.metrics.accept_errors.labels("EMFILE")._value.get() == 1000
+    assert sample(relay.metrics, "notifyrelay_accept_errors_total", errno="EMFILE") == 1000
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == ["something else entirely"]
 
 
@@ -320,3 +320,25 @@ async def test_a_reload_applies_max_connections_and_allowed_origins_to_the_next_
     with pytest.raises(InvalidStatus) as caught:
         await connect(relay.server.url)
     assert caught.value.response.status_code == 503
+
+
+async def test_a_ping_flood_counts_against_the_rate_limit_and_closes_with_1008(make_relay: RelayFactory) -> None:
+    """Item 7: websocket pings are frames like any other: a client flooding them (and reading the pongs) is
+    refused past its rate and closed with 1008, while a polite client beside it is served."""
+    relay = await make_relay(**{"server.rate_limit_per_s": 5.0, "server.rate_limit_burst": 10})
+    polite = await connect(relay.server.url)
+    flooder = await connect(relay.server.url, ping_interval=None)
+    try:
+        await flooder.recv()  # welcome
+        for _ in range(200):
+            flooder.protocol.send_ping(b"p")
+        flooder.send_data()
+        await asyncio.wait_for(flooder.wait_closed(), 5)
+        assert flooder.close_code == 1008
+        assert sample(relay.metrics, "notifyrelay_rate_limited_frames_total") > 30
+        await polite.recv()  # welcome
+        await polite.send(msgspec.json.encode({"op": "ping", "id": "still"}).decode())
+        assert msgspec.json.decode(await polite.recv())["id"] == "still"
+    finally:
+        await polite.close()
+        flooder.transport.abort()

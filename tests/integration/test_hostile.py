@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from notifyrelay.app import Relay
-from tests.conftest import Client, ClientFactory, Database, RelayFactory, wait_until
+from tests.conftest import Client, ClientFactory, Database, RelayFactory, sample, wait_until
 
 CHANNEL = "activity_progress"
 NESTED = "[" * 20000 + "]" * 20000
@@ -211,6 +211,6 @@ async def test_ping_flooder_that_never_reads_is_closed_after_the_stall_timeout(
             flooder.protocol.send_ping(b"p" * 125)
         flooder.send_data()
         await asyncio.sleep(0.01)
-    await wait_until(lambda: relay.metrics.slow_client_disconnects._value.get() == 1, timeout=10)
+    await wait_until(lambda: sample(relay.metrics, "notifyrelay_slow_client_disconnects_total") == 1, timeout=10)
     await wait_until(lambda: not relay.hub.transports, timeout=10)
     flooder.transport.abort()

@@ -9,13 +9,14 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from notifyrelay.app import Relay
-from tests.conftest import ClientFactory, Database, RelayFactory, wait_until
+from notifyrelay.ops.metrics import LIMITS
+from tests.conftest import ClientFactory, Database, RelayFactory, sample, wait_until
 
 CHANNEL = "activity_progress"
 
 
 def hits(relay: Relay, limit: str) -> float:
-    return relay.metrics.limit_hits[limit]._value.get()
+    return sample(relay.metrics, f"notifyrelay_{LIMITS[limit][0]}_total")
 
 
 async def test_max_connections_refuses_with_503(make_relay: RelayFactory, make_client: ClientFactory) -> None:

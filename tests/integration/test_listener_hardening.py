@@ -21,7 +21,7 @@ from notifyrelay.ops.health import Readiness
 from notifyrelay.ops.metrics import Metrics
 from notifyrelay.pipeline.ingest import IngestQueue
 from notifyrelay.pipeline.listener import Listener
-from tests.conftest import ClientFactory, Database, RelayFactory, wait_until
+from tests.conftest import ClientFactory, Database, RelayFactory, sample, wait_until
 from tests.integration.test_listener import Recorder
 
 ROLE = "relay_limited"
@@ -184,13 +184,13 @@ async def test_full_notify_queue_shows_in_the_gauge_and_in_readyz(
     /readyz says the queue is the reason, with what to do."""
     harness = await start_listener(own_database.dsn, ["a"])
     await wait_until(lambda: len(harness.attempts) >= 2, timeout=5)
-    assert harness.metrics.pg_notification_queue_usage._value.get() > 0.95
+    assert sample(harness.metrics, "notifyrelay_pg_notification_queue_usage") > 0.95
     reasons = Readiness(harness.listener).reasons()
     assert any("too many notifications in the NOTIFY queue" in reason for reason in reasons), reasons
     assert any("NOTIFY queue is 100% full" in reason and "transaction open" in reason for reason in reasons), reasons
     await full_notify_queue()
     await wait_until(lambda: harness.listener.up, timeout=5)
-    await wait_until(lambda: harness.metrics.pg_notification_queue_usage._value.get() < 0.5, timeout=5)
+    await wait_until(lambda: sample(harness.metrics, "notifyrelay_pg_notification_queue_usage") < 0.5, timeout=5)
     assert Readiness(harness.listener).reasons() == []
 
 
@@ -220,7 +220,7 @@ async def test_invalid_utf8_payloads_are_counted_and_dropped_not_fatal(
         await asyncio.sleep(0.5)  # heartbeats keep passing over the same connection
         assert [payload for _, payload, _ in harness.queue.take_nowait()] == ["before", "after"]
         assert harness.kinds() == ["up"] and len(harness.attempts) == 1
-        assert harness.metrics.listener_undecodable_payloads.labels("a")._value.get() == 21
+        assert sample(harness.metrics, "notifyrelay_listener_undecodable_payloads_total", channel="a") == 21
     finally:
         await harness.listener.close()
         await admin_execute(database.dsn, f"DROP DATABASE {name} WITH (FORCE)")
@@ -305,7 +305,7 @@ async def test_an_unexpected_error_at_any_await_becomes_a_reconnect(
     assert harness.kinds() == (["up", "down", "up"] if was_up_first else ["up"])
     unexpected = [entry for entry in logs if entry["event"] == "listener.unexpected_error"]
     assert len(unexpected) == 1 and unexpected[0]["exc_info"] is error
-    assert harness.metrics.listener_unexpected_errors._value.get() == 1
+    assert sample(harness.metrics, "notifyrelay_listener_unexpected_errors_total") == 1
     await database.notify("a", "still listening")
     await wait_until(lambda: len(harness.queue) == 1)
 
@@ -340,7 +340,7 @@ async def test_clients_see_status_and_resync_when_an_unexpected_error_hits_the_l
     client = await make_client(relay, "?channel=activity_progress")
     await client.recv_type("ack")
     listener = relay.listener
-    sample = listener._sample_queue
+    sample_queue = listener._sample_queue
 
     async def fail_once(conn: Any) -> None:
         del listener._sample_queue  # back to the real method for every later call
@@ -351,6 +351,7 @@ async def test_clients_see_status_and_resync_when_an_unexpected_error_hits_the_l
     resync = await client.recv_type("resync")
     assert resync["reason"] == "listener_reconnected" and resync["channel"] == "activity_progress"
     assert (await client.recv_type("status"))["listener"] == "up"
-    assert listener._sample_queue == sample and relay.metrics.listener_unexpected_errors._value.get() == 1
+    assert listener._sample_queue == sample_queue
+    assert sample(relay.metrics, "notifyrelay_listener_unexpected_errors_total") == 1
     await database.notify("activity_progress", "42")
     assert (await client.recv_type("notify"))["keys"] == ["42"]

@@ -287,3 +287,26 @@ async def test_rows_never_go_backwards_while_clients_subscribe_resume_and_reconn
         while (frame := msgspec.json.decode(await asyncio.wait_for(connection.recv(), 5)))["type"] != "snapshot":
             pass
     assert {k: row["objects_processed"] for k, row in frame["rows"].items()} == {k: final[k] for k in keys}
+
+
+async def test_until_done_also_ends_when_a_followed_row_is_gone(
+    make_relay: RelayFactory, db: asyncpg.Connection
+) -> None:
+    """A key with no row (deleted, or never there) can never finish: /stream?until=done counts it as done instead of
+    streaming keepalives forever."""
+    relay = await make_relay(channels=[state_channel()])
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
+    writer.write(f"GET /stream?channel={CHANNEL}&key=999999&until=done HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    body = (await asyncio.wait_for(reader.read(), 5)).decode()
+    writer.close()
+    assert '"gone":["999999"]' in body and '{"type":"close","code":1000' in body
+
+
+async def test_history_keys_gauge_counts_remembered_keys(
+    make_relay: RelayFactory, database: Database
+) -> None:
+    """notifyrelay_history_keys{channel} says how many keys this process remembers for resume."""
+    relay = await make_relay()
+    await database.notify(CHANNEL, "a", "b", "c")
+    await wait_until(lambda: relay.metrics.registry.get_sample_value(
+        "notifyrelay_history_keys", {"channel": CHANNEL}) == 3)

@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from notifyrelay.app import Relay
-from tests.conftest import ClientFactory, Database, RelayFactory, wait_until
+from tests.conftest import ClientFactory, Database, RelayFactory, sample, wait_until
 
 CHANNEL = "activity_progress"
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,7 +101,7 @@ async def test_probes_and_metrics_follow_the_listener_through_a_database_outage(
     while len(delivered) < 2:  # a leading-edge batch, then the rest of the window
         delivered += (await client.recv_type("notify"))["keys"]
     assert delivered == ["1", "2"]
-    await wait_until(lambda: relay.metrics.notifications_received.labels(CHANNEL)._value.get() == 2)
+    await wait_until(lambda: sample(relay.metrics, "notifyrelay_notifications_received_total", channel=CHANNEL) == 2)
     samples = await scrape(port)
     assert value(samples, "listener_up") == 1
     assert value(samples, "listener_reconnects_total") == 0
@@ -127,7 +127,7 @@ async def test_probes_and_metrics_follow_the_listener_through_a_database_outage(
     assert status == 503
     assert report["ready"] is False and report["listener"] == "down"
     assert len(report["reasons"]) == 1 and report["reasons"][0].startswith("listener down: ")
-    await wait_until(lambda: relay.metrics.listener_connect_failures._value.get() >= 1, timeout=10)
+    await wait_until(lambda: sample(relay.metrics, "notifyrelay_listener_connect_failures_total") >= 1, timeout=10)
     status, report = await readyz(port)
     assert status == 503 and "cannot connect and LISTEN" in report["reasons"][0]
     samples = await scrape(port)
@@ -148,7 +148,7 @@ async def test_probes_and_metrics_follow_the_listener_through_a_database_outage(
     assert status == 200 and report["ready"] is True and report["listener"] == "up"
     await own_database.notify(CHANNEL, "3")
     assert (await client.recv_type("notify"))["keys"] == ["3"]
-    await wait_until(lambda: relay.metrics.notifications_received.labels(CHANNEL)._value.get() == 3)
+    await wait_until(lambda: sample(relay.metrics, "notifyrelay_notifications_received_total", channel=CHANNEL) == 3)
     samples = await scrape(port)
     assert value(samples, "listener_up") == 1
     assert value(samples, "listener_reconnects_total") == 1

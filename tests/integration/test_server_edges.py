@@ -8,7 +8,7 @@ import socket
 import msgspec
 from websockets.asyncio.client import connect
 
-from tests.conftest import ClientFactory, RelayFactory, wait_until
+from tests.conftest import ClientFactory, RelayFactory, sample, wait_until
 from tests.integration.test_relay import probe
 
 
@@ -28,7 +28,7 @@ async def test_a_sender_that_never_reads_loses_its_slot(make_relay: RelayFactory
     """A client that keeps sending but never reads the answers is closed after stall_timeout_s, freeing its slot."""
     relay = await make_relay(**{"server.stall_timeout_s": 0.5, "server.write_high_water_bytes": 1024,
                                 "server.rate_limit_per_s": 100000.0, "server.rate_limit_burst": 100000,
-                                "server.max_connections": 2})
+                                "server.max_connections": 2, "server.max_subscriptions": 1000})
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", relay.server.port))
@@ -37,11 +37,11 @@ async def test_a_sender_that_never_reads_loses_its_slot(make_relay: RelayFactory
                                  "keys": [f"key-{n:05d}" for n in range(900)]}).decode()
     try:
         async with asyncio.timeout(20):
-            while relay.metrics.slow_client_disconnects._value.get() == 0:
+            while sample(relay.metrics, "notifyrelay_slow_client_disconnects_total") == 0:
                 await hog.send(frame)  # every ack is as big as the frame, and none is read
     except Exception:  # the relay cut us off mid-send: that is the point
         pass
-    await wait_until(lambda: relay.metrics.slow_client_disconnects._value.get() == 1, timeout=10)
+    await wait_until(lambda: sample(relay.metrics, "notifyrelay_slow_client_disconnects_total") == 1, timeout=10)
     await wait_until(lambda: not relay.hub.transports, timeout=10)
     hog.transport.abort()
     client = await make_client(relay)  # the slot is free again
@@ -70,3 +70,20 @@ async def test_probes_answer_during_shutdown(make_relay: RelayFactory, make_clie
     assert status == 503 and "shutting down" in body
     assert await raw_get(relay.server.port, []) == 503
     client.connection.transport.resume_reading()
+
+
+async def test_head_and_keep_alive_requests_are_answered_on_one_connection(make_relay: RelayFactory) -> None:
+    """HEAD on a probe gets headers only, and a second request on the same kept-alive connection is answered too
+    (no traceback, no dropped connection)."""
+    relay = await make_relay()
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
+    try:
+        writer.write(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: 3" in head.lower()
+        second = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert second.startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(reader.readexactly(3), 5) == b"ok\n"
+    finally:
+        writer.close()

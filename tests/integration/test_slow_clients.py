@@ -10,7 +10,7 @@ import asyncpg
 import msgspec
 from websockets.asyncio.client import connect
 
-from tests.conftest import Client, ClientFactory, Database, RelayFactory, wait_until
+from tests.conftest import Client, ClientFactory, Database, RelayFactory, sample, wait_until
 
 CHANNEL = "jobs"
 KEYS = 50
@@ -61,7 +61,8 @@ async def test_stalled_client_is_bounded_and_caught_up_once(
             )
     finally:
         await conn.close()
-    await wait_until(lambda: relay.metrics.notifications_received.labels(CHANNEL)._value.get() == NOTIFICATIONS)
+    received = "notifyrelay_notifications_received_total"
+    await wait_until(lambda: sample(relay.metrics, received, channel=CHANNEL) == NOTIFICATIONS)
     await wait_until(lambda: relay.queue.take_overflow() == {} and len(relay.queue) == 0)
     final_seq = relay.coalescer._windows[CHANNEL].seq
 
@@ -115,6 +116,6 @@ async def test_client_stalled_past_the_limit_is_closed_with_4000(
             )
     finally:
         await conn.close()
-    await wait_until(lambda: relay.metrics.slow_client_disconnects._value.get() == 1, timeout=10)
+    await wait_until(lambda: sample(relay.metrics, "notifyrelay_slow_client_disconnects_total") == 1, timeout=10)
     await wait_until(lambda: not relay.hub.transports, timeout=10)
     await stalled.close()

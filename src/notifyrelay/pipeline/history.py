@@ -21,7 +21,7 @@ class ChannelHistory:
         self.max_keys = max_keys
         self._changed: OrderedDict[str, int] = OrderedDict()
         self.listening_since: int | None = None  # no gap after this moment; None: not listening yet
-        self.forgotten_until = 0  # the newest change forgotten to stay within max_keys
+        self.forgotten_until = -1  # the newest change forgotten to stay within max_keys (-1: none yet)
         self.seq = 0  # the newest batch's seq and ts, for frames that fold batches (replays, snapshots)
         self.ts = 0
 

@@ -214,7 +214,7 @@ class ChannelStream:
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # a bug in one event must not stop the channel
-                    log.exception("streams.event_failed", channel=self.channel, event=type(event).__name__)
+                    log.exception("streams.event_failed", channel=self.channel, kind=type(event).__name__)
                 finally:
                     if isinstance(event, Gap) and event.done is not None and not event.done.done():
                         event.done.set_result(None)
@@ -250,6 +250,7 @@ class ChannelStream:
 
     async def _batch(self, batch: Batch) -> None:
         self.history.record(batch.keys, batch.seq, batch.ts)
+        self._metrics.history_keys.labels(self.channel).set(len(self.history))
         if self.state is not None:
             batch.state = await self.state.fetch(batch.keys)
         self._delivery.publish(batch)
@@ -337,10 +338,9 @@ class ChannelStream:
     def _send(self, plan: Plan, listed: protocol.Rows | None, fetched: protocol.Rows | None) -> None:
         session, refresh = plan.order.session, plan.order.refresh
         ts = self._now_ms()
-        if plan.kind == "resync" or (plan.listed and listed is None and not plan.keys):
-            # A hint channel, or a "*" follower of a state channel without list_query: the client refetches.
-            if plan.reason == "subscribe":
-                return
+        no_list = plan.listed and listed is None  # a "*" follower of a state channel without list_query
+        if plan.kind == "resync" or (no_list and plan.reason != "subscribe"):
+            # A hint channel, or "*" without list_query after a gap or a lag: the client refetches.
             start = _utc_ms(refresh.since) if refresh.since is not None else _utc_ms(ts)
             body = protocol.resync(self.channel, plan.reason, start, _utc_ms(ts), ts)
             self._delivery.send(session, "resync", body, ts)
@@ -364,8 +364,7 @@ class ChannelStream:
                                    replay=plan.kind == "replay")
         else:
             return
-        progress = source.progress if source is not None else None
-        self._delivery.send(session, kind, body, ts, channel=self.channel, progress=progress)
+        self._delivery.send(session, kind, body, ts, channel=self.channel, progress=protocol.finished(source))
 
     def _now_ms(self) -> int:
         return max(int(self._wall_clock() * 1000), self.history.ts)
@@ -392,6 +391,8 @@ class Pipeline:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running = False
         self._status_up: asyncio.Task[None] | None = None
+        self._failure: asyncio.Future[None] | None = None
+        self.listening = False  # LISTEN is in force: channels a reload adds are vouched for from then on
         self.set_channels(channels, states or {})
 
     def set_channels(self, channels: Iterable[ChannelConfig], states: Mapping[str, StateSource]) -> None:
@@ -422,17 +423,25 @@ class Pipeline:
         return {name for name, stream in self.streams.items() if stream.state is not None}
 
     def _start(self, stream: ChannelStream) -> None:
-        self._tasks[stream.channel] = asyncio.get_running_loop().create_task(
-            stream.run(), name=f"stream:{stream.channel}"
-        )
+        task = asyncio.get_running_loop().create_task(stream.run(), name=f"stream:{stream.channel}")
+        task.add_done_callback(self._worker_ended)
+        self._tasks[stream.channel] = task
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        # A worker only ends by cancellation (shutdown, a removed channel). Anything else is a bug that would leave
+        # its channel silent: end run() with it, so that the relay exits non-zero and is restarted.
+        failure = self._failure
+        if not task.cancelled() and task.exception() is not None and failure is not None and not failure.done():
+            failure.set_exception(task.exception() or RuntimeError("a channel stream ended"))
 
     async def run(self) -> None:
-        """Run every channel's worker until cancelled."""
+        """Run every channel's worker until cancelled; raise what ended a worker that should not have ended."""
         self._running = True
+        self._failure = asyncio.get_running_loop().create_future()
         for stream in self.streams.values():
             self._start(stream)
         try:
-            await asyncio.Future()  # the workers run as their own tasks; reloads add and remove them
+            await self._failure  # the workers run as their own tasks; reloads add and remove them
         finally:
             self._running = False
             for task in self._tasks.values():
@@ -477,12 +486,22 @@ class Pipeline:
 
     # The listener's observer.
 
+    def mark_listening(self, channels: Iterable[str]) -> None:
+        """Channels a reload added are LISTENed now: resumes on them can be vouched for from this moment."""
+        now = int(self._wall_clock() * 1000)
+        for channel in channels:
+            stream = self.streams.get(channel)
+            if stream is not None and self.listening:
+                stream.history.gap(now)
+
     def listener_down(self) -> None:
+        self.listening = False
         for stream in self.streams.values():
             stream.history.listening_since = None  # no replay can be vouched for until LISTEN is back
         self._delivery.listener_down()
 
     def listener_up(self, channels: list[str], gap_start: datetime, gap_end: datetime, reason: str) -> None:
+        self.listening = True
         loop = asyncio.get_running_loop()
         done: list[asyncio.Future[None]] = []
         for channel in channels:

@@ -72,6 +72,8 @@ class HttpConnection(asyncio.Protocol):
         self.peer = "?"
         self._deadline: asyncio.TimerHandle | None = None
         self._partial = False  # bytes of a request have arrived and it has not been answered yet
+        self._request: h11.Request | None = None
+        self._head = False  # the request being answered is a HEAD: headers only
         self._expiry: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -158,12 +160,18 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.close()
                 return
             if isinstance(event, h11.Request):
+                self._request = event  # answered once all of it is in (a GET's end follows at once)
+            elif isinstance(event, h11.EndOfMessage) and self._request is not None:
+                request, self._request = self._request, None
                 self._partial = False
                 try:
-                    self._route(event)
+                    self._route(request)
                 except Exception:  # a bug answering one request must not take the server down
                     log.exception("server.request_failed", remote=self.peer)
-                    self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal_error", "internal error")
+                    if self.h11.our_state is h11.SEND_RESPONSE:
+                        self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal_error", "internal error")
+                    else:
+                        self.transport.abort()
 
     def _bad_request(self, exc: h11.RemoteProtocolError) -> None:
         assert self.transport is not None
@@ -182,6 +190,7 @@ class HttpConnection(asyncio.Protocol):
             self._error(HTTPStatus.BAD_REQUEST, "bad_request", "the request target is not a valid URL")
             return
         path, method = parts.path, request.method
+        self._head = method == b"HEAD"
         server = self.server
         probes_here = self.admin or not server.config.admin.listen
         if path in PROBE_PATHS and probes_here:
@@ -193,7 +202,7 @@ class HttpConnection(asyncio.Protocol):
         if method == b"OPTIONS" and path in STREAM_PATHS:
             self._preflight(request)
             return
-        if method != b"GET":
+        if method != b"GET" and not (self._head and path not in ("/ws", *STREAM_PATHS)):
             self._error(HTTPStatus.METHOD_NOT_ALLOWED, "bad_request", "only GET is served here",
                         [("Allow", "GET")])
             return
@@ -383,7 +392,7 @@ class HttpConnection(asyncio.Protocol):
             all_headers.append(("Connection", "close"))
         conn = self.h11
         data = conn.send(h11.Response(status_code=int(status), headers=all_headers, reason=status.phrase)) or b""
-        data += conn.send(h11.Data(data=body)) or b"" if body else b""
+        data += conn.send(h11.Data(data=body)) or b"" if body and not self._head else b""
         data += conn.send(h11.EndOfMessage()) or b""
         self.transport.write(data)
         if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
