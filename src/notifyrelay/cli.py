@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop when it is installed (``pip install notifyrelay[fast]``), unless
     ``NOTIFYRELAY_EVENT_LOOP=asyncio``; None (asyncio's own loop) otherwise. ``=uvloop`` without uvloop is an error."""
-    choice = os.environ.get("NOTIFYRELAY_EVENT_LOOP", "asyncio")
+    choice = os.environ.get("NOTIFYRELAY_EVENT_LOOP", "auto")
     if choice not in ("auto", "asyncio", "uvloop"):
         raise ConfigError("must be auto, asyncio or uvloop", source="environment variable NOTIFYRELAY_EVENT_LOOP")
     if choice == "asyncio":

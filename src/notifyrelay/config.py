@@ -31,7 +31,7 @@ ChannelName = Annotated[str, Meta(min_length=1, max_length=63)]
 ENV_PREFIX = "NOTIFYRELAY_"
 # NOTIFYRELAY_WORKER and NOTIFYRELAY_WORKER_DIR: set by the supervisor for its workers (ops/workers.py).
 ENV_NOT_CONFIG = {"NOTIFYRELAY_CONFIG", "NOTIFYRELAY_TEST_DSN", "NOTIFYRELAY_HEALTHCHECK_URL",
-                  "NOTIFYRELAY_WORKER", "NOTIFYRELAY_WORKER_DIR"}
+                  "NOTIFYRELAY_WORKER", "NOTIFYRELAY_WORKER_DIR", "NOTIFYRELAY_EVENT_LOOP"}  # cli.py
 ENV_ALIASES = {
     "NOTIFYRELAY_DSN": ("dsn",),
     "NOTIFYRELAY_DSN_FILE": ("dsn_file",),
