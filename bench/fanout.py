@@ -10,11 +10,19 @@ Phase "all": the 9,000 subscribe to ``*`` too, so all 10,000 follow ``*``; lone 
 than a window of silence) go out one by one. Per batch: commit to first client, commit to last client (the target,
 <= 60 ms, judged on the median batch), and how many clients got it. The relay's ``delivery_latency_seconds``
 histogram (receipt to the last frame written) shows the relay's own share, without the client processes' time.
+
+Issue 13's comparison: ``--phases all --loops asyncio,uvloop --floor --client-impl sansio`` runs phase "all" once
+per event loop (a fresh relay each, ``NOTIFYRELAY_EVENT_LOOP``), then send_floor.py in the same run, and reports each
+loop's median batch against the one-thread floor (target: at most 1.3x). The client processes' CPU over the lone
+batches is reported as their own load.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -23,6 +31,22 @@ import benchlib as bl
 CHANNEL = "bench_fanout"
 SENT = "notifyrelay_messages_sent_total"
 LATENCY = "notifyrelay_delivery_latency_seconds_bucket"
+
+
+def sent_notify(metrics: dict[str, float]) -> float:
+    """Notify frames written, over every transport label."""
+    return sum(value for name, value in metrics.items() if name.startswith(SENT + "{") and 'type="notify"' in name)
+
+
+def clients_cpu(clients: list[bl.Worker]) -> float:
+    import psutil
+
+    total = 0.0
+    for worker in clients:
+        if worker.process.pid:
+            times = psutil.Process(worker.process.pid).cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def merge_by_seq(answers: list[dict[str, Any]]) -> dict[Any, list[Any]]:
@@ -63,15 +87,63 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     mixed_s = 5.0 if args.quick else args.mixed_seconds
     lone_count = 10 if args.quick else args.batches
     n, n_wild, n_keys, procs = args.clients, args.wildcard, args.keys, args.client_processes
+    phases = args.phases.split(",")
+    loops = args.loops.split(",")
     result["config"] = {"window_ms": 200, "clients": n, "wildcard_clients": n_wild, "keys": n_keys,
                         "client_processes": procs, "mixed_rate_per_s": args.rate, "mixed_seconds": mixed_s,
-                        "lone_batches": lone_count, "relays": args.relays,
+                        "lone_batches": lone_count, "relays": args.relays, "phases": phases, "event_loops": loops,
                         "ping_interval_s": args.ping_interval_s or "relay default", "client_impl": args.client_impl}
-    server = {"ping_interval_s": args.ping_interval_s} if args.ping_interval_s else {}
     figures: dict[str, Any] = {}
     result["figures"] = figures
+    for loop in loops:
+        into: dict[str, Any] = result if len(loops) == 1 else result.setdefault("by_loop", {}).setdefault(loop, {})
+        loop_figures: dict[str, Any] = {}
+        run_loop(args, loop, phases, mixed_s, lone_count, into, loop_figures)
+        for name, fig in loop_figures.items():
+            figures[name if len(loops) == 1 else f"{loop}_{name}"] = fig
+    if args.floor:
+        floor = send_floor(args)
+        result["send_floor"] = floor
+        one = floor["figures"]["sends_1_thread_ms"]["value"]
+        figures["send_floor_1_thread_ms"] = bl.figure(one, "ms", note="send_floor.py in the same run")
+        figures["send_floor_2_threads_ms"] = bl.figure(floor["figures"].get("sends_2_thread_ms", {}).get("value"),
+                                                       "ms")
+        for loop in loops:
+            prefix = "" if len(loops) == 1 else f"{loop}_"
+            last = figures.get(f"{prefix}batch_to_last_client_p50_ms", {}).get("value")
+            if last is not None and one:
+                figures[f"{prefix}batch_to_last_over_floor"] = bl.figure(
+                    round(last / one, 2), "x", 1.3, note="commit to the last client (median batch) / one-thread floor")
+            cpu = figures.get(f"{prefix}relay_cpu_ms_per_batch", {}).get("value")
+            if cpu is not None and one:
+                figures[f"{prefix}relay_cpu_per_batch_over_floor"] = bl.figure(
+                    round(cpu / one, 2), "x", note="the relay's CPU per batch / one-thread floor (wall, CPU-bound): "
+                    "the relay's own share, without the clients' scheduling")
+
+
+def send_floor(args: argparse.Namespace) -> dict[str, Any]:
+    """send_floor.py as a subprocess (its own receivers, no relay running): the floor, measured in this run."""
+    command = [sys.executable, str(bl.BENCH_DIR / "send_floor.py"), "--sockets", str(args.clients),
+               "--receivers", str(args.client_processes), "--rounds", "3" if args.quick else "7"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    try:
+        answer: dict[str, Any] = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return {"error": f"send_floor.py exited {done.returncode}: {done.stderr[-500:]}", "figures": {}}
+    return answer
+
+
+def run_loop(args: argparse.Namespace, loop: str, phases: list[str], mixed_s: float, lone_count: int,
+             result: dict[str, Any], figures: dict[str, Any]) -> None:
+    n, n_wild, n_keys, procs = args.clients, args.wildcard, args.keys, args.client_processes
+    if "mixed" not in phases:
+        n_wild = n  # every client follows "*" from the start
+    server: dict[str, Any] = {"max_connections": n + 2000}  # within the bench's RLIMIT_NOFILE
+    if args.ping_interval_s:
+        server["ping_interval_s"] = args.ping_interval_s
     keys = [f"k{i}" for i in range(n_keys)]
-    with bl.Stack("fanout", [{"name": CHANNEL}], relays=args.relays, server=server) as stack:
+    env = {} if loop == "default" else {"NOTIFYRELAY_EVENT_LOOP": loop}
+    with bl.Stack("fanout", [{"name": CHANNEL}], relays=args.relays, server=server, env=env) as stack:
         clients = bl.start_clients(procs, "seq", lifetime_s=900, name="clients", impl=args.client_impl)
         generators = bl.start_generators(1, stack.dsn, connections=2, lifetime_s=900)
         with bl.workers_stopped(clients + generators):
@@ -81,86 +153,116 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
             result["connect_seconds"] = connected["seconds"]
             result["relay_rss_mib_connected"] = round(stack.rss() / 2**20, 1)
             time.sleep(1)
+            if "mixed" in phases:
+                mixed(args, stack, clients, generators, mixed_s, result, figures)
+                # Then every client follows "*".
+                shares = [[i for i in range(len(urls[w::procs])) if (i * procs + w) >= n_wild]
+                          for w in range(procs)]
+                frame = {"op": "subscribe", "channel": CHANNEL, "keys": ["*"]}
+                acks = bl.call_all(clients, [("send_all", share, frame, 60.0) for share in shares], timeout=120)
+                result["resubscribed"] = sum(a["acked"] for a in acks)
+                time.sleep(1)
+            if "all" in phases:
+                lone_batches(args, stack, clients, generators, lone_count, result, figures)
 
-            # Mixed phase: sustained deliveries.
-            bl.call_all(clients, ("reset",), timeout=30)
-            before = stack.metrics()
-            cpu_before, wall_before = stack.cpu_seconds(), time.monotonic()
-            profiler = bl.Profiler(args.profile, stack.relay.pid if stack.relay else 0, "fanout-mixed", mixed_s)
-            answer = generators[0].call(
-                "paced", {"channel": CHANNEL, "rate": args.rate, "duration": mixed_s, "batch": 100,
-                          "n_keys": n_keys, "prefix": "k", "seed": 3},
-                timeout=mixed_s * 3 + 60,
-            )
-            wall = time.monotonic() - wall_before
-            cpu = (stack.cpu_seconds() - cpu_before) / wall
-            after = stack.metrics()
-            profile = profiler.finish()
-            time.sleep(1)
-            answers = bl.call_all(clients, ("collect",), timeout=60)
-            written = bl.counter(after, SENT, type="notify") - bl.counter(before, SENT, type="notify")
-            received = sum(a["frames"] for a in answers)
-            rate = written / wall
-            per_core = rate / cpu if cpu > 0 else None
-            slow = bl.counter(after, "notifyrelay_slow_clients_total") - bl.counter(before,
-                                                                                    "notifyrelay_slow_clients_total")
-            result["mixed"] = {"notifications_sent": answer["sent"], "frames_written": int(written),
-                               "frames_received": received, "seconds": round(wall, 2),
-                               "relay_cpu_percent": round(cpu * 100, 1), "slow_client_events": int(slow),
-                               "closed": [a["closed"] for a in answers]}
-            if profile:
-                result["profile_mixed"] = profile
-            figures["deliveries_per_s"] = bl.figure(round(rate), "frames/s")
-            figures["deliveries_per_s_per_core"] = bl.figure(
-                None if per_core is None else round(per_core), "frames/s per core", 50000, ">=",
-                note="frames written per relay CPU-second")
-            figures["mixed_relay_cpu"] = bl.figure(round(cpu * 100, 1), "% of one core")
 
-            # All phase: every client follows "*"; lone batches.
-            shares = [[i for i in range(len(urls[w::procs])) if (i * procs + w) >= n_wild] for w in range(procs)]
-            frame = {"op": "subscribe", "channel": CHANNEL, "keys": ["*"]}
-            acks = bl.call_all(clients, [("send_all", share, frame, 60.0) for share in shares], timeout=120)
-            result["resubscribed"] = sum(a["acked"] for a in acks)
-            time.sleep(1)
-            bl.call_all(clients, ("reset",), timeout=30)
-            before = stack.metrics()
-            profiler = bl.Profiler(args.profile, stack.relay.pid if stack.relay else 0, "fanout-all",
-                                   lone_count * 0.45)
-            lone = generators[0].call(
-                "lone", {"channel": CHANNEL, "count": lone_count, "interval": 0.4, "jitter": 0.1, "prefix": "lone",
-                         "seed": 4},
-                timeout=lone_count + 60,
-            )
-            time.sleep(1.5)
-            after = stack.metrics()
-            profile = profiler.finish()
-            if profile:
-                result["profile_all"] = profile
-            merged = merge_by_seq(bl.call_all(clients, ("collect",), timeout=60))
-            by_key = {entry[3]: entry for entry in merged.values()}
-            to_first, to_last, spread, reached = [], [], [], []
-            for key, _, _, committed_at in lone["records"]:
-                entry = by_key.get(key)
-                if entry is None:
-                    reached.append(0)
-                    continue
-                reached.append(entry[0])
-                to_first.append(entry[1] - committed_at)
-                to_last.append(entry[2] - committed_at)
-                spread.append(entry[2] - entry[1])
-            last = bl.summary_ms(to_last)
-            result["all"] = {"batches": len(lone["records"]), "commit_to_first_client_ms": bl.summary_ms(to_first),
-                             "commit_to_last_client_ms": last, "first_to_last_client_ms": bl.summary_ms(spread),
-                             "clients_reached_min": min(reached) if reached else 0,
-                             "relay_receipt_to_last_write_histogram": histogram(before, after)}
-            figures["batch_to_last_client_p50_ms"] = bl.figure(
-                last.get("p50"), "ms", 60, note=f"commit to the last of {n} '*' followers, median batch")
-            figures["batch_to_last_client_max_ms"] = bl.figure(last.get("max"), "ms")
-            relay_share = bucket_median(result["all"]["relay_receipt_to_last_write_histogram"])
-            figures["relay_receipt_to_last_write_p50_ms"] = bl.figure(
-                relay_share, "ms", note="the relay's own share, without client processes: the histogram bucket "
-                "(upper bound) that holds the median batch")
-            figures["clients_reached_per_batch_min"] = bl.figure(min(reached) if reached else 0, "clients", n, ">=")
+def mixed(args: argparse.Namespace, stack: bl.Stack, clients: list[bl.Worker], generators: list[bl.Worker],
+          mixed_s: float, result: dict[str, Any], figures: dict[str, Any]) -> None:
+    n_keys = args.keys
+    # Mixed phase: sustained deliveries.
+    bl.call_all(clients, ("reset",), timeout=30)
+    before = stack.metrics()
+    cpu_before, wall_before = stack.cpu_seconds(), time.monotonic()
+    profiler = bl.Profiler(args.profile, stack.relay.pid if stack.relay else 0, "fanout-mixed", mixed_s)
+    answer = generators[0].call(
+        "paced", {"channel": CHANNEL, "rate": args.rate, "duration": mixed_s, "batch": 100,
+                  "n_keys": n_keys, "prefix": "k", "seed": 3},
+        timeout=mixed_s * 3 + 60,
+    )
+    wall = time.monotonic() - wall_before
+    cpu = (stack.cpu_seconds() - cpu_before) / wall
+    after = stack.metrics()
+    profile = profiler.finish()
+    time.sleep(1)
+    answers = bl.call_all(clients, ("collect",), timeout=60)
+    written = sent_notify(after) - sent_notify(before)
+    received = sum(a["frames"] for a in answers)
+    rate = written / wall
+    per_core = rate / cpu if cpu > 0 else None
+    slow = bl.counter(after, "notifyrelay_slow_clients_total") - bl.counter(before,
+                                                                            "notifyrelay_slow_clients_total")
+    result["mixed"] = {"notifications_sent": answer["sent"], "frames_written": int(written),
+                       "frames_received": received, "seconds": round(wall, 2),
+                       "relay_cpu_percent": round(cpu * 100, 1), "slow_client_events": int(slow),
+                       "closed": [a["closed"] for a in answers]}
+    if profile:
+        result["profile_mixed"] = profile
+    figures["deliveries_per_s"] = bl.figure(round(rate), "frames/s")
+    figures["deliveries_per_s_per_core"] = bl.figure(
+        None if per_core is None else round(per_core), "frames/s per core", 50000, ">=",
+        note="frames written per relay CPU-second")
+    figures["mixed_relay_cpu"] = bl.figure(round(cpu * 100, 1), "% of one core")
+
+
+
+def lone_batches(args: argparse.Namespace, stack: bl.Stack, clients: list[bl.Worker], generators: list[bl.Worker],
+                 lone_count: int, result: dict[str, Any], figures: dict[str, Any]) -> None:
+    n = args.clients
+    bl.call_all(clients, ("reset",), timeout=30)
+    before = stack.metrics()
+    profiler = bl.Profiler(args.profile, stack.relay.pid if stack.relay else 0, "fanout-all",
+                           lone_count * 0.45)
+    # The relay's CPU with nothing to send (keepalive pings of 10,000 clients), to take out of the phase's.
+    idle_before, idle_at = stack.cpu_seconds(), time.monotonic()
+    time.sleep(3)
+    idle_rate = (stack.cpu_seconds() - idle_before) / (time.monotonic() - idle_at)
+    clients_before, relay_before, phase_at = clients_cpu(clients), stack.cpu_seconds(), time.monotonic()
+    lone = generators[0].call(
+        "lone", {"channel": CHANNEL, "count": lone_count, "interval": 0.4, "jitter": 0.1, "prefix": "lone",
+                 "seed": 4},
+        timeout=lone_count + 60,
+    )
+    time.sleep(1.5)
+    after = stack.metrics()
+    profile = profiler.finish()
+    relay_cpu = stack.cpu_seconds() - relay_before
+    idle_cpu = idle_rate * (time.monotonic() - phase_at)
+    result["all_cpu_seconds"] = {"clients": round(clients_cpu(clients) - clients_before, 2),
+                                 "relay": round(relay_cpu, 2), "relay_idle_share": round(idle_cpu, 2)}
+    batches = max(1, len(lone["records"]))
+    figures["relay_cpu_ms_per_batch"] = bl.figure(
+        round((relay_cpu - idle_cpu) * 1000 / batches, 1), "ms",
+        note=f"the relay's CPU over the lone batches, less its idle rate (keepalive), per batch to {n} clients")
+    figures["clients_cpu_percent"] = bl.figure(
+        round(result["all_cpu_seconds"]["clients"] / (time.monotonic() - phase_at) * 100, 1), "% of one core",
+        note="the client processes' own load over the lone batches")
+    if profile:
+        result["profile_all"] = profile
+    merged = merge_by_seq(bl.call_all(clients, ("collect",), timeout=60))
+    by_key = {entry[3]: entry for entry in merged.values()}
+    to_first, to_last, spread, reached = [], [], [], []
+    for key, _, _, committed_at in lone["records"]:
+        entry = by_key.get(key)
+        if entry is None:
+            reached.append(0)
+            continue
+        reached.append(entry[0])
+        to_first.append(entry[1] - committed_at)
+        to_last.append(entry[2] - committed_at)
+        spread.append(entry[2] - entry[1])
+    last = bl.summary_ms(to_last)
+    result["all"] = {"batches": len(lone["records"]), "commit_to_first_client_ms": bl.summary_ms(to_first),
+                     "commit_to_last_client_ms": last, "first_to_last_client_ms": bl.summary_ms(spread),
+                     "clients_reached_min": min(reached) if reached else 0,
+                     "relay_receipt_to_last_write_histogram": histogram(before, after)}
+    figures["batch_to_last_client_p50_ms"] = bl.figure(
+        last.get("p50"), "ms", 60, note=f"commit to the last of {n} '*' followers, median batch")
+    figures["batch_to_last_client_max_ms"] = bl.figure(last.get("max"), "ms")
+    relay_share = bucket_median(result["all"]["relay_receipt_to_last_write_histogram"])
+    figures["relay_receipt_to_last_write_p50_ms"] = bl.figure(
+        relay_share, "ms", note="the relay's own share, without client processes: the histogram bucket "
+        "(upper bound) that holds the median batch")
+    figures["clients_reached_per_batch_min"] = bl.figure(min(reached) if reached else 0, "clients", n, ">=")
 
 
 def main() -> int:
@@ -177,7 +279,12 @@ def main() -> int:
     parser.add_argument("--client-impl", choices=["asyncio", "sansio"], default="asyncio",
                         help="websockets' asyncio client, or its sans-I/O protocol (lighter: less client time)")
     parser.add_argument("--ping-interval-s", type=float, help="the relays' server.ping_interval_s (an experiment)")
-    return bl.scenario_main("fanout", 600, run, parser)
+    parser.add_argument("--phases", default="mixed,all", help="mixed, all, or both (all alone: every client "
+                        "follows * from the start)")
+    parser.add_argument("--loops", default="default",
+                        help="the relay's event loops to run in turn: asyncio, uvloop, default (the relay's choice)")
+    parser.add_argument("--floor", action="store_true", help="also run send_floor.py and compare with it")
+    return bl.scenario_main("fanout", 900, run, parser)
 
 
 if __name__ == "__main__":

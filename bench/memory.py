@@ -94,8 +94,10 @@ def breakdown(args: argparse.Namespace, result: dict[str, Any]) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MEMTRACE), os.environ.get("PYTHONPATH")]))
     os.environ["BENCH_TRACEMALLOC_OUT"] = out
     result["config"] = {"connections": [first, last], "client_processes": args.client_processes,
-                        "subscription_per_connection": "one key, at connect time", "tracemalloc_frames": 8}
-    with bl.Stack("memory", [{"name": CHANNEL}], server=SERVER) as stack:
+                        "subscription_per_connection": "one key, at connect time", "tracemalloc_frames": 8,
+                        "event_loop": args.loop or "relay default"}
+    env = {"NOTIFYRELAY_EVENT_LOOP": args.loop} if args.loop else None
+    with bl.Stack("memory", [{"name": CHANNEL}], server=SERVER, env=env) as stack:
         clients = bl.start_clients(args.client_processes, "seq", lifetime_s=600, name="idle-clients")
         with bl.workers_stopped(clients):
             bl.connect_clients(clients, [stack.ws_url(CHANNEL, [f"k{i}"]) for i in range(first)], timeout=300)
@@ -143,7 +145,9 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
                         "subscription_per_connection": "one key, at connect time"}
     figures: dict[str, Any] = {}
     result["figures"] = figures
-    with bl.Stack("memory", [{"name": CHANNEL}], server=SERVER) as stack:
+    env = {"NOTIFYRELAY_EVENT_LOOP": args.loop} if args.loop else None
+    result["config"]["event_loop"] = args.loop or "relay default"
+    with bl.Stack("memory", [{"name": CHANNEL}], server=SERVER, env=env) as stack:
         clients = bl.start_clients(procs, "seq", lifetime_s=600, name="idle-clients")
         with bl.workers_stopped(clients):
             points = [(0, settled_rss(stack, settle))]
@@ -174,6 +178,8 @@ def main() -> int:
     parser.add_argument("--steps", default="1000,2500,5000,7500,10000", help="connection counts (first to last)")
     parser.add_argument("--settle-seconds", type=float, default=2.0)
     parser.add_argument("--client-processes", type=int, default=4)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"],
+                        help="the relay's event loop (NOTIFYRELAY_EVENT_LOOP); default: the relay's own choice")
     parser.add_argument("--breakdown", action="store_true",
                         help="tracemalloc in the relay: bytes per connection by part (not an RSS figure)")
     return bl.scenario_main("memory", 420, run, parser)

@@ -31,6 +31,7 @@ SCENARIOS = {  # name -> (bound in seconds, extra flags for the default suite)
     "coalescing": (240, []),
     "ingest": (660, ["--duration", "30"]),
     "memory": (480, []),
+    "frame_cpu": (300, []),  # relay CPU per frame when every frame differs per client (issue 13)
     "fanout": (660, []),
     "send_floor": (120, []),  # no relay and no targets: the machine's floor under fan-out, to read fanout by
 }
