@@ -20,6 +20,7 @@ from ..delivery.hub import Hub
 from ..delivery.session import Session
 from ..delivery.transport import NDJSON, SSE, OutFrame, chunk
 from ..ops.metrics import Metrics
+from .flow import Backpressure
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
@@ -29,17 +30,18 @@ CLOSE_GRACE_S = 2.0
 SSE_RETRY_MS = 2000
 
 
-class StreamTransport:
+class StreamTransport(Backpressure):
     """One SSE or NDJSON response stream (the hub's Transport interface)."""
 
     unidirectional = True
-    __slots__ = ("_close_timer", "_keepalive", "_metrics", "_stall_timer", "chunked", "closed", "framing", "hub",
-                 "name", "paused", "peer", "session", "settings", "transport")
+    __slots__ = ("_close_timer", "_keepalive", "_metrics", "chunked", "closed", "framing", "hub",
+                 "name", "peer", "session", "settings", "transport")
 
     def __init__(
         self, kind: str, transport: asyncio.Transport, *, chunked: bool, hub: Hub, settings: ServerConfig,
         metrics: Metrics, peer: str,
     ) -> None:
+        super().__init__()
         self.name = kind  # "sse" or "ndjson"
         self.framing = f"{kind}+chunked" if chunked else kind
         self.chunked = chunked
@@ -47,10 +49,8 @@ class StreamTransport:
         self.hub = hub
         self.settings = settings
         self.peer = peer
-        self.paused = False
         self.closed = False
         self._metrics = metrics
-        self._stall_timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self.session: Session | None = None
@@ -104,25 +104,8 @@ class StreamTransport:
 
     # Flow control.
 
-    def pause_writing(self) -> None:
-        self.paused = True
-        if self.session is not None:
-            self.hub.stalled(self.session)
-        timeout = self.settings.stall_timeout_s
-        self._stall_timer = asyncio.get_running_loop().call_later(timeout, self._stalled_too_long, timeout)
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        if self._stall_timer is not None:
-            self._stall_timer.cancel()
-            self._stall_timer = None
-        if self.session is not None:
-            self.hub.drained(self.session)
-
     def _stalled_too_long(self, timeout: float) -> None:
-        self._metrics.slow_client_disconnects.inc()
-        log.warning("server.client_too_slow", remote=self.peer, stall_timeout_s=timeout, transport=self.name)
-        self.close(protocol.CLOSE_SLOW_CLIENT, f"too slow: stalled over {timeout:g}s")
+        super()._stalled_too_long(timeout)
         self.transport.abort()  # its buffer will not drain: the close line cannot reach it anyway
 
     def connection_lost(self) -> None:

@@ -30,6 +30,7 @@ from ..delivery.session import Session
 from ..delivery.transport import WEBSOCKET, OutFrame
 from ..exceptions import ProtocolError
 from ..ops.metrics import Metrics
+from .flow import Backpressure
 from .gate import StreamRequest
 
 if TYPE_CHECKING:
@@ -74,26 +75,25 @@ def handshake(
     return ws, b"".join(ws.data_to_send()), opened
 
 
-class WebSocketTransport:
+class WebSocketTransport(Backpressure):
     """One open websocket: frames in to the hub, frames out from it (the hub's Transport interface)."""
 
     name = "websocket"
     unidirectional = False
-    __slots__ = ("_close_timer", "_fragments", "_keepalive", "_metrics", "_ping", "_ping_sent_at", "_stall_timer",
-                 "hub", "latency", "paused", "peer", "session", "settings", "transport", "ws")
+    __slots__ = ("_close_timer", "_fragments", "_keepalive", "_metrics", "_ping", "_ping_sent_at",
+                 "hub", "latency", "peer", "session", "settings", "transport", "ws")
 
     def __init__(
         self, transport: asyncio.Transport, ws: ServerProtocol, hub: Hub, settings: ServerConfig, metrics: Metrics,
         peer: str,
     ) -> None:
+        super().__init__()
         self.transport = transport
         self.ws = ws
         self.hub = hub
         self.settings = settings
         self.peer = peer
-        self.paused = False
         self._metrics = metrics
-        self._stall_timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping: bytes | None = None
@@ -226,31 +226,14 @@ class WebSocketTransport:
 
     # Flow control, from the asyncio transport through the HTTP connection.
 
-    def pause_writing(self) -> None:
-        self.paused = True
+    def _writes_paused(self) -> None:
         # Stop reading too: a peer that floods frames or pings and reads none of the answers then fills its own
         # buffers, not ours.
         self.transport.pause_reading()
-        if self.session is not None:
-            self.hub.stalled(self.session)
-        # One watchdog for every way a peer can stop draining (notify frames, answers, pongs to its pings).
-        timeout = self.settings.stall_timeout_s
-        self._stall_timer = asyncio.get_running_loop().call_later(timeout, self._stalled_too_long, timeout)
 
-    def resume_writing(self) -> None:
-        self.paused = False
-        if self._stall_timer is not None:
-            self._stall_timer.cancel()
-            self._stall_timer = None
+    def _writes_resumed(self) -> None:
         if not self.transport.is_closing():
             self.transport.resume_reading()
-        if self.session is not None:
-            self.hub.drained(self.session)
-
-    def _stalled_too_long(self, timeout: float) -> None:
-        self._metrics.slow_client_disconnects.inc()
-        log.warning("server.client_too_slow", remote=self.peer, stall_timeout_s=timeout)
-        self.close(protocol.CLOSE_SLOW_CLIENT, f"too slow: stalled over {timeout:g}s")
 
     def connection_lost(self) -> None:
         for timer in (self._stall_timer, self._close_timer, self._keepalive):
