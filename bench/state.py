@@ -47,6 +47,14 @@ def state_queries(stack: bl.Stack) -> float:
                if name.startswith("notifyrelay_state_queries_total{") and f'channel="{CHANNEL}"' in name)
 
 
+def query_seconds(stack: bl.Stack) -> tuple[float, float]:
+    """state_query_seconds' sum and count for the channel (the mean time one batch waits for its rows)."""
+    values = stack.metrics()
+    label = f'{{channel="{CHANNEL}"}}'
+    return (values.get(f"notifyrelay_state_query_seconds_sum{label}", 0.0),
+            values.get(f"notifyrelay_state_query_seconds_count{label}", 0.0))
+
+
 def batches(stack: bl.Stack) -> float:
     return stack.metrics().get(f'notifyrelay_batches_total{{channel="{CHANNEL}"}}', 0.0)
 
@@ -101,6 +109,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
                 time.sleep(quiet_s)
                 quiet_queries = state_queries(stack) - quiet_before
                 queries_before, batches_before = state_queries(stack), batches(stack)
+                seconds_before, counted_before = query_seconds(stack)
                 cpu_before, wall_before = stack.cpu_seconds(), time.monotonic()
                 answer = generators[0].call(
                     "paced", {"channel": CHANNEL, "rate": args.rate, "duration": busy_s, "keys": busy_keys,
@@ -111,6 +120,8 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
                 cpu = (stack.cpu_seconds() - cpu_before) / elapsed
                 time.sleep(window_ms / 1000 + 0.5)
                 queries = state_queries(stack) - queries_before
+                seconds_after, counted_after = query_seconds(stack)
+                mean_query_ms = 1000 * (seconds_after - seconds_before) / max(1.0, counted_after - counted_before)
                 flushed = batches(stack) - batches_before
                 answers = bl.call_all(busy_clients, ("collect",), timeout=60)
             per_conn: dict[int, list[tuple[float, dict[str, Any]]]] = {}
@@ -141,6 +152,8 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
             figures["quiet_state_queries"] = bl.figure(quiet_queries, "queries", 0, "<=",
                                                        note=f"{quiet_s:g} s with every client connected, no change")
             figures["busy_relay_cpu"] = bl.figure(round(cpu * 100, 1), "% of one core")
+            figures["busy_mean_state_query_ms"] = bl.figure(round(mean_query_ms, 2), "ms",
+                                                            note="pool wait included: what each batch waits for rows")
 
 
 def main() -> int:
