@@ -143,6 +143,9 @@ def run_loop(args: argparse.Namespace, loop: str, phases: list[str], mixed_s: fl
         server["ping_interval_s"] = args.ping_interval_s
     keys = [f"k{i}" for i in range(n_keys)]
     env = {} if loop == "default" else {"NOTIFYRELAY_EVENT_LOOP": loop}
+    if args.src:  # an older checkout's relay, for a before/after in the same hour: it knows no newer [server] key
+        env["PYTHONPATH"] = args.src
+        server["max_handshakes"] = None
     with bl.Stack("fanout", [{"name": CHANNEL}], relays=args.relays, server=server, env=env) as stack:
         clients = bl.start_clients(procs, "seq", lifetime_s=900, name="clients", impl=args.client_impl)
         generators = bl.start_generators(1, stack.dsn, connections=2, lifetime_s=900)
@@ -283,6 +286,7 @@ def main() -> int:
                         "follows * from the start)")
     parser.add_argument("--loops", default="default",
                         help="the relay's event loops to run in turn: asyncio, uvloop, default (the relay's choice)")
+    parser.add_argument("--src", default="", help="run the relay from this src/ directory (an older checkout)")
     parser.add_argument("--floor", action="store_true", help="also run send_floor.py and compare with it")
     return bl.scenario_main("fanout", 900, run, parser)
 
