@@ -93,7 +93,8 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5), registry=r,
         )
         self.pg_notification_queue_usage = Gauge(
-            f"{p}pg_notification_queue_usage", "pg_notification_queue_usage() sampled on each heartbeat (0-1).",
+            f"{p}pg_notification_queue_usage", "pg_notification_queue_usage() (0-1), sampled before "
+            "every heartbeat and connection attempt.",
             registry=r,
         )
         # Listener hardening.
