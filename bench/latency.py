@@ -50,6 +50,30 @@ def join(records: list[tuple[str, int, float, float]], per_conn: dict[int, list[
     return from_commit, from_send, missing
 
 
+def join_busy(records: list[tuple[str, int, float, float]], answers: list[dict[str, Any]], clients: int,
+              keys: list[str]) -> tuple[list[float], list[float], int]:
+    """``join`` for the busy phase: client i follows ``keys[i % len(keys)]`` and was given to client process
+    ``i % len(answers)`` (round robin in connect_clients); map each process's connection index back to i."""
+    per_conn: dict[int, list[tuple[float, dict[str, Any]]]] = {}
+    for w, got in enumerate(answers):
+        for index, frames in got["per_conn"].items():
+            per_conn[index * len(answers) + w] = frames
+    followers = defaultdict(list)
+    for i in range(clients):
+        followers[keys[i % len(keys)]].append(i)
+    return join(records, per_conn, followers)
+
+
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The idle and busy phases' flags, shared with bench/state.py."""
+    parser.add_argument("--idle-samples", type=int, default=120)
+    parser.add_argument("--idle-clients", type=int, default=5)
+    parser.add_argument("--busy-seconds", type=float, default=15)
+    parser.add_argument("--rate", type=int, default=2000)
+    parser.add_argument("--keys", type=int, default=500)
+    parser.add_argument("--clients", type=int, default=1000)
+
+
 def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     window_ms = 200
     idle_count = 40 if args.quick else args.idle_samples
@@ -105,15 +129,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
                 time.sleep(window_ms / 1000 + 0.5)
                 answers = bl.call_all(busy_clients, ("collect",), timeout=60)
                 profile = profiler.finish()
-            # Map each worker's connection index back to the URL it was given (round robin in connect_clients).
-            per_conn: dict[int, list[tuple[float, dict[str, Any]]]] = {}
-            for w, got in enumerate(answers):
-                for index, frames in got["per_conn"].items():
-                    per_conn[index * len(busy_clients) + w] = frames
-            followers = defaultdict(list)
-            for i in range(args.clients):
-                followers[keys[i % len(keys)]].append(i)
-            from_commit, from_send, missing = join(answer["records"], per_conn, followers)
+            from_commit, from_send, missing = join_busy(answer["records"], answers, args.clients, keys)
             busy = bl.summary_ms(from_commit)
             achieved = answer["sent"] / max(1e-9, answer["ended"] - answer["began"])
             result["busy"] = {"commit_to_client_ms": busy, "send_to_client_ms": bl.summary_ms(from_send),
@@ -134,12 +150,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--idle-samples", type=int, default=120)
-    parser.add_argument("--idle-clients", type=int, default=5)
-    parser.add_argument("--busy-seconds", type=float, default=15)
-    parser.add_argument("--rate", type=int, default=2000)
-    parser.add_argument("--keys", type=int, default=500)
-    parser.add_argument("--clients", type=int, default=1000)
+    add_load_arguments(parser)
     return bl.scenario_main("latency", 420, run, parser)
 
 

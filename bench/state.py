@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import defaultdict
 from typing import Any
 
 import benchlib as bl
-from latency import join
+from latency import add_load_arguments, join, join_busy
 
 CHANNEL = "bench_state"
 UPDATE = ("UPDATE bench_state SET n = ($2::jsonb->>'n')::bigint "
@@ -124,14 +123,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
                 mean_query_ms = 1000 * (seconds_after - seconds_before) / max(1.0, counted_after - counted_before)
                 flushed = batches(stack) - batches_before
                 answers = bl.call_all(busy_clients, ("collect",), timeout=60)
-            per_conn: dict[int, list[tuple[float, dict[str, Any]]]] = {}
-            for w, got in enumerate(answers):
-                for index, frames in got["per_conn"].items():
-                    per_conn[index * len(busy_clients) + w] = frames
-            followers = defaultdict(list)
-            for i in range(args.clients):
-                followers[busy_keys[i % len(busy_keys)]].append(i)
-            from_commit, _, missing = join(answer["records"], per_conn, followers)
+            from_commit, _, missing = join_busy(answer["records"], answers, args.clients, busy_keys)
             busy = bl.summary_ms(from_commit)
             achieved = answer["sent"] / max(1e-9, answer["ended"] - answer["began"])
             windows = elapsed / (window_ms / 1000)
@@ -158,12 +150,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--idle-samples", type=int, default=120)
-    parser.add_argument("--idle-clients", type=int, default=5)
-    parser.add_argument("--busy-seconds", type=float, default=15)
-    parser.add_argument("--rate", type=int, default=2000)
-    parser.add_argument("--keys", type=int, default=500)
-    parser.add_argument("--clients", type=int, default=1000)
+    add_load_arguments(parser)
     parser.add_argument("--generator-connections", type=int, default=16)
     return bl.scenario_main("state", 420, run, parser)
 
