@@ -71,8 +71,9 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
                         "generator_connections": args.generator_connections}
     figures: dict[str, Any] = {}
     result["figures"] = figures
-    channel = {"name": CHANNEL, "key": "json:k", "include_payload": True,
-               "state": {"table": "bench_state", "key_column": "k", "columns": ["n"]}}
+    channel: dict[str, Any] = {"name": CHANNEL, "key": "json:k", "include_payload": True}
+    if not args.without_state:  # --without-state: the same updates and trigger, keys only (the control run)
+        channel["state"] = {"table": "bench_state", "key_column": "k", "columns": ["n"]}
     with bl.Stack("state", [channel], window_ms=window_ms, setup_sql=setup_sql(busy_keys + idle_keys)) as stack:
         result["relay_pid"] = stack.relay.pid if stack.relay else None
         # UPDATEs that fire a trigger cost more than a bare pg_notify: more connections keep 2,000/s offered.
@@ -152,6 +153,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_load_arguments(parser)
     parser.add_argument("--generator-connections", type=int, default=16)
+    parser.add_argument("--without-state", action="store_true",
+                        help="the control run: the same table, trigger and load on a keys-only channel")
     return bl.scenario_main("state", 420, run, parser)
 
 
