@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import msgspec
@@ -15,6 +15,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from notifyrelay.app import Relay
 from notifyrelay.config import load_config
 from notifyrelay.pgembed import EmbeddedPostgres
+
+if TYPE_CHECKING:
+    from tests.daemon import Daemon
 
 
 class Database:
@@ -161,3 +164,14 @@ def sample(metrics: Any, name: str, **labels: str) -> float:
     """A metric's value read through the registry's public API (0 before its first sample)."""
     value = metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else float(value)
+
+
+@pytest.fixture
+async def daemons() -> AsyncIterator[list[Daemon]]:
+    """Relay processes a test started (tests/daemon.py); any still running at the end is killed."""
+    running: list[Daemon] = []
+    yield running
+    for daemon in running:
+        if daemon.process.returncode is None:
+            daemon.process.kill()
+            await daemon.process.wait()

@@ -6,13 +6,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import re
-import resource
-import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import ClientFactory, Database, RelayFactory, sample, wait_until
+from tests.daemon import Daemon
 
 CHANNEL = "activity_progress"
 SECRET = "a hardening secret of at least thirty-two bytes"
@@ -146,59 +144,17 @@ def test_default_limits_fit_a_small_host() -> None:
 # Item 6: file descriptors and half-open handshakes.
 
 
-class Daemon:
-    """``python -m notifyrelay run`` in a child process under its own RLIMIT_NOFILE, stderr collected."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.lines: list[str] = []
-        self._reader = asyncio.create_task(self._read())
-
-    @classmethod
-    async def start(cls, tmp_path: Path, server: str, *, nofile: tuple[int, int], dsn: str) -> Daemon:
-        config = tmp_path / "relay.toml"
-        config.write_text(f'dsn = "{dsn}"\n[server]\nlisten = "127.0.0.1:0"\n{server}\n[log]\nformat = "json"\n'
-                          f'[[channels]]\nname = "{CHANNEL}"\n')
-        environ = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFYRELAY_", "PG"))}
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "notifyrelay", "run", "--config", str(config), env=environ,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile),
-        )
-        return cls(process)
-
-    async def _read(self) -> None:
-        assert self.process.stderr is not None
-        async for line in self.process.stderr:
-            self.lines.append(line.decode())
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [entry for line in self.lines if line.startswith("{")
-                for entry in [msgspec.json.decode(line)] if entry.get("event") == name]
-
-    async def port(self) -> int:
-        await wait_until(lambda: bool(self.events("relay.started")) or self.process.returncode is not None, timeout=10)
-        started = self.events("relay.started")
-        assert started, self.lines
-        return int(started[0]["url"].rsplit(":", 1)[1].removesuffix("/ws"))
-
-    async def stop(self) -> int:
-        if self.process.returncode is None:
-            self.process.terminate()
-        status = await asyncio.wait_for(self.process.wait(), 15)
-        await self._reader
-        return status
+async def start_daemon(tmp_path: Path, server: str, *, nofile: tuple[int, int], dsn: str) -> Daemon:
+    """A relay process on port 0 with ``server`` lines in its [server] table, under its own RLIMIT_NOFILE."""
+    config = tmp_path / "relay.toml"
+    config.write_text(f'dsn = "{dsn}"\n[server]\nlisten = "127.0.0.1:0"\n{server}\n[log]\nformat = "json"\n'
+                      f'[[channels]]\nname = "{CHANNEL}"\n')
+    return await Daemon.start("--config", str(config), nofile=nofile)
 
 
-@pytest.fixture
-async def daemons() -> AsyncIterator[list[Daemon]]:
-    """Daemons a test started; any still running at the end is killed."""
-    running: list[Daemon] = []
-    yield running
-    for daemon in running:
-        if daemon.process.returncode is None:
-            daemon.process.kill()
-            await daemon.process.wait()
+async def started_port(daemon: Daemon) -> int:
+    await wait_until(lambda: bool(daemon.count("relay.started")) or daemon.process.returncode is not None, timeout=10)
+    return daemon.port
 
 
 async def test_slow_handshakes_beyond_the_fd_limit_leave_probes_and_clients_served(
@@ -206,10 +162,10 @@ async def test_slow_handshakes_beyond_the_fd_limit_leave_probes_and_clients_serv
 ) -> None:
     """Under a 300-fd limit, 400 connections stuck in their handshake are shed oldest first (max_handshakes 50):
     /healthz still answers, a websocket client still connects, and nothing logs an error or a traceback."""
-    daemon = await Daemon.start(tmp_path, "max_connections = 100\nmax_handshakes = 50\nhandshake_timeout_s = 30",
+    daemon = await start_daemon(tmp_path, "max_connections = 100\nmax_handshakes = 50\nhandshake_timeout_s = 30",
                                 nofile=(300, 300), dsn=database.dsn)
     daemons.append(daemon)
-    port = await daemon.port()
+    port = await started_port(daemon)
     slow: list[asyncio.StreamWriter] = []
     try:
         for _ in range(400):
@@ -243,10 +199,9 @@ async def test_start_is_refused_when_max_connections_cannot_fit_the_fd_limit(
 ) -> None:
     """Under a 256-fd hard limit the default max_connections (10000) stops the start with exit 2, naming the key,
     both numbers and the fix."""
-    daemon = await Daemon.start(tmp_path, "", nofile=(256, 256), dsn="postgresql://127.0.0.1:1/none")
+    daemon = await start_daemon(tmp_path, "", nofile=(256, 256), dsn="postgresql://127.0.0.1:1/none")
     daemons.append(daemon)
-    assert await asyncio.wait_for(daemon.process.wait(), 15) == 2
-    await daemon._reader
+    assert await daemon.exited() == 2
     text = "".join(daemon.lines)
     assert "server.max_connections" in text and "10000 connections" in text, text
     assert "RLIMIT_NOFILE is 256 (hard limit 256)" in text and "LimitNOFILE" in text, text
@@ -256,9 +211,9 @@ async def test_soft_fd_limit_is_raised_to_the_hard_one(
     tmp_path: Path, database: Database, daemons: list[Daemon]
 ) -> None:
     """A relay started with a soft limit of 256 under a hard one of 4096 raises its soft limit to 4096 and starts."""
-    daemon = await Daemon.start(tmp_path, "max_connections = 3000", nofile=(256, 4096), dsn=database.dsn)
+    daemon = await start_daemon(tmp_path, "max_connections = 3000", nofile=(256, 4096), dsn=database.dsn)
     daemons.append(daemon)
-    await daemon.port()
+    await started_port(daemon)
     limits = Path(f"/proc/{daemon.process.pid}/limits").read_text()
     assert re.search(r"^Max open files\s+4096\s+4096\s", limits, re.M), limits
     assert await daemon.stop() == 0

@@ -10,14 +10,11 @@ import asyncio
 import json
 import logging
 import os
-import re
 import secrets
-import signal
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from notifyrelay.ops.log import configure_logging, register_secret
-from tests.conftest import Database, wait_until
+from tests.conftest import Database
+from tests.daemon import Daemon
 
 CHANNEL = "activity_progress"
 ROLE = "relay_logged"
@@ -84,74 +82,6 @@ async def role(own_database: Database) -> Role:
     conn = await asyncpg.connect(found.dsn())
     await conn.close()
     return found
-
-
-class Daemon:
-    """``python -m notifyrelay run`` as a child process, its stderr collected line by line."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.lines: list[str] = []
-        self._reader = asyncio.create_task(self._read())
-
-    @classmethod
-    async def start(cls, *args: str, env: dict[str, str] | None = None) -> Daemon:
-        environ = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFYRELAY_", "PG"))}
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "notifyrelay", "run", *args,
-            env={**environ, **(env or {})}, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        return cls(process)
-
-    async def _read(self) -> None:
-        assert self.process.stderr is not None
-        async for line in self.process.stderr:
-            self.lines.append(line.decode())
-
-    def events(self) -> list[dict[str, Any]]:
-        """Every line parsed as JSON (a line that is not JSON fails the test)."""
-        parsed = []
-        for line in self.lines:
-            entry = json.loads(line)
-            assert isinstance(entry, dict), line
-            parsed.append(entry)
-        return parsed
-
-    def count(self, event: str) -> int:
-        return sum(1 for entry in self.events() if entry["event"] == event)
-
-    async def wait_for(self, event: str, count: int = 1, timeout: float = 10) -> None:
-        await wait_until(lambda: self.count(event) >= count, timeout=timeout)
-
-    @property
-    def port(self) -> int:
-        started = next(entry for entry in self.events() if entry["event"] == "relay.started")
-        match = re.search(r":(\d+)/ws$", started["url"])
-        assert match, started
-        return int(match.group(1))
-
-    async def stop(self) -> int:
-        """SIGTERM, then the exit status; stdout must have stayed empty (logs go to stderr)."""
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-        assert self.process.stdout is not None
-        stdout = await asyncio.wait_for(self.process.stdout.read(), 15)
-        status = await asyncio.wait_for(self.process.wait(), 15)
-        await self._reader
-        assert stdout == b""
-        return status
-
-
-@pytest.fixture
-async def daemons() -> AsyncIterator[list[Daemon]]:
-    """Daemons a test started; any still running at the end is killed."""
-    running: list[Daemon] = []
-    yield running
-    for daemon in running:
-        if daemon.process.returncode is None:
-            daemon.process.kill()
-            await daemon.process.wait()
 
 
 def write_config(tmp_path: Path, role: Role, dsn: str | None, **sections: str) -> Path:
