@@ -316,11 +316,3 @@ class Hub:
             self._empty.clear()
             await self._empty.wait()
 
-
-def peer_of(address: Any) -> str:
-    """An address as host:port, for log lines."""
-    try:
-        host, port = address[:2]
-        return f"{host}:{port}"
-    except (TypeError, ValueError):
-        return "?"

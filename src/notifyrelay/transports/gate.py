@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
 from urllib.parse import parse_qs
 
 import msgspec
@@ -144,7 +143,3 @@ def headers_of(raw: Sequence[tuple[bytes, bytes]]) -> Headers:
         headers[name.decode("latin-1")] = value.decode("latin-1")
     return headers
 
-
-def first(values: dict[str, list[str]], name: str) -> Any:
-    found = values.get(name)
-    return found[0] if found else None

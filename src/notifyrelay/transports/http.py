@@ -20,7 +20,7 @@ import time
 from functools import cache
 from http import HTTPStatus
 from importlib import resources
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import h11
@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..auth import Authenticator
 from ..config import Config, is_loopback, parse_listen
-from ..delivery.hub import Hub, peer_of
+from ..delivery.hub import Hub
 from ..delivery.session import Grants, Session
 from ..exceptions import ConfigError, ProtocolError, SubscriptionError
 from ..ops.health import Readiness
@@ -531,3 +531,12 @@ def _tls_context(cert_file: str, key_file: str) -> ssl.SSLContext | None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_file, key_file)
     return context
+
+
+def peer_of(address: Any) -> str:
+    """An address as host:port, for log lines."""
+    try:
+        host, port = address[:2]
+        return f"{host}:{port}"
+    except (TypeError, ValueError):
+        return "?"
