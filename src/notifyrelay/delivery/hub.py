@@ -221,7 +221,6 @@ class Hub:
         channel = batch.channel
         fold_at = None
         transports = self.transports
-        progress = protocol.finished(batch.state)
         count = 0
         for session in sessions:
             if session.stalled or (session.pending and not session.takes_live(channel)):
@@ -237,8 +236,8 @@ class Hub:
             if transport is not None and transport.write(frame):
                 written[transport.name] = written.get(transport.name, 0) + 1
                 count += 1
-            if progress and session.done is not None:
-                self._note_progress(session, channel, progress)
+            if session.done is not None and batch.state is not None:  # until=done streams only: rare, off the hot path
+                self._note_progress(session, channel, protocol.finished(batch.state) or {})
         return len(frame.body) * count if frame is not None else 0
 
     def send(
