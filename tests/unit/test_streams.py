@@ -18,6 +18,7 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from notifyrelay import protocol
 from notifyrelay.config import ChannelConfig, HistoryConfig
@@ -780,3 +781,40 @@ def test_rows_never_go_backwards_with_wildcard_followers(program: list[Step]) ->
     """Rows never go backwards and every client ends current with "*" followers served by list_query too."""
     relay, _, clients, changed = asyncio.run(play(program, wildcard=True))
     check_never_backwards_and_current(relay, clients, changed)
+
+
+# Failures.
+
+
+async def test_an_event_that_fails_is_logged_and_the_channel_goes_on(running: list[Relay]) -> None:
+    """A delivery that raises on one batch costs that batch only: the error is logged and the next batch goes out."""
+    relay = start(running, Relay())
+    real_publish = relay.delivery.publish
+    failures = iter([RuntimeError("boom")])
+
+    def publish_once_failing(batch: Batch) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        real_publish(batch)
+
+    relay.delivery.publish = publish_once_failing  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        relay.pipeline.publish(batch("h", 1, "a"))
+        relay.pipeline.publish(batch("h", 2, "b"))
+        await relay.settle()
+    assert [b.seq for b in relay.delivery.published] == [2]
+    assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == ["streams.event_failed"]
+
+
+async def test_a_channel_worker_that_dies_ends_the_pipeline() -> None:
+    """A worker that ends by anything but cancellation ends Pipeline.run() with its error (the relay then exits
+    non-zero and is restarted) instead of leaving its channel silent."""
+    relay = Relay()
+
+    async def broken() -> None:
+        raise RuntimeError("the worker broke")
+
+    relay.pipeline.streams["h"].run = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="the worker broke"):
+        await asyncio.wait_for(relay.pipeline.run(), 5)
