@@ -7,11 +7,14 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import pytest
+import structlog
 
 from notifyrelay.config import ListenerConfig
 from notifyrelay.ops.metrics import Metrics
+from notifyrelay.pipeline import listener as listener_module
 from notifyrelay.pipeline.ingest import IngestQueue
-from notifyrelay.pipeline.listener import Listener
+from notifyrelay.pipeline.listener import InlineNotifyConnection, Listener
 from tests.conftest import Database, wait_until
 
 
@@ -50,7 +53,7 @@ async def test_reload_during_connection_setup_listens_on_the_new_list(database: 
     """A channel list changed while the connection is LISTENing is honoured before the listener reports up."""
     listener: Listener | None = None
 
-    class ReloadMidway(asyncpg.Connection):  # type: ignore[misc]
+    class ReloadMidway(InlineNotifyConnection):
         async def add_listener(self, channel: str, callback: Any) -> None:
             await super().add_listener(channel, callback)
             if channel == "a" and listener is not None and "new" not in listener.channels:
@@ -59,7 +62,7 @@ async def test_reload_during_connection_setup_listens_on_the_new_list(database: 
                 await asyncio.sleep(0.05)
 
     async def connect(*args: Any, **kwargs: Any) -> Any:
-        return await asyncpg.connect(*args, connection_class=ReloadMidway, **kwargs)
+        return await asyncpg.connect(*args, **{**kwargs, "connection_class": ReloadMidway})
 
     listener, queue, _ = make_listener(database.dsn, ["a", "old"], connect=connect)
     task = asyncio.create_task(listener.run())
@@ -115,3 +118,68 @@ async def test_notifications_while_reconnecting_do_not_count_as_proof(database: 
     listener.up = True
     listener._on_notification(None, 0, "a", "2")
     assert listener._last_proof > proof
+
+
+async def test_notifications_reach_the_queue_inline_and_in_order(database: Database) -> None:
+    """The connection hands each notification to the queue as asyncpg parses it (no call_soon), in commit order."""
+    listener, queue, _ = make_listener(database.dsn, ["a"])
+    task = asyncio.create_task(listener.run())
+    try:
+        await wait_until(lambda: listener.up, timeout=10)
+        assert type(listener._conn) is InlineNotifyConnection
+        await database.notify("a", *(str(n) for n in range(300)))
+        await wait_until(lambda: len(queue) == 300, timeout=5)
+        assert [payload for _, payload, _ in queue.take_nowait()] == [str(n) for n in range(300)]
+    finally:
+        task.cancel()
+        await listener.close()
+
+
+async def test_a_callback_that_raises_costs_neither_the_connection_nor_the_notification(database: Database) -> None:
+    """Callbacks now run inside asyncpg's protocol: one that raises is logged there, and the LISTEN carries on."""
+    listener, queue, recorder = make_listener(database.dsn, ["a"])
+    task = asyncio.create_task(listener.run())
+
+    def broken(conn: Any, pid: int, channel: str, payload: str) -> None:
+        raise RuntimeError("a bug in a callback")
+
+    try:
+        await wait_until(lambda: listener.up, timeout=10)
+        await listener._conn.add_listener("a", broken)  # "a" is LISTENed already: no query
+        with structlog.testing.capture_logs() as logs:
+            await database.notify("a", "1")
+            await database.notify("a", "2")
+            await wait_until(lambda: len(queue) == 2, timeout=5)
+        assert [payload for _, payload, _ in queue.take_nowait()] == ["1", "2"]
+        assert [entry["event"] for entry in logs] == ["listener.notification_callback_failed"] * 2
+        await asyncio.sleep(0.1)
+        assert listener.up and [kind for kind, _ in recorder.events] == ["up"]
+    finally:
+        task.cancel()
+        await listener.close()
+
+
+async def test_without_the_private_hook_the_listener_connects_as_before(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An asyncpg whose private hook changed gets asyncpg's own connection class (call_soon), and still delivers."""
+    monkeypatch.setattr(listener_module, "INLINE_NOTIFY", False)
+    options: list[dict[str, Any]] = []
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        options.append(kwargs)
+        return await asyncpg.connect(*args, **kwargs)
+
+    with structlog.testing.capture_logs() as logs:
+        listener, queue, _ = make_listener(database.dsn, ["a"], connect=connect)
+        task = asyncio.create_task(listener.run())
+        try:
+            await wait_until(lambda: listener.up, timeout=10)
+            assert "connection_class" not in options[0] and type(listener._conn) is asyncpg.Connection
+            await database.notify("a", "1", "2")
+            await wait_until(lambda: len(queue) == 2, timeout=5)
+            assert [payload for _, payload, _ in queue.take_nowait()] == ["1", "2"]
+        finally:
+            task.cancel()
+            await listener.close()
+    assert "listener.inline_notify_unavailable" in [entry["event"] for entry in logs]
