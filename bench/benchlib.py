@@ -25,9 +25,11 @@ import ctypes
 import json
 import math
 import multiprocessing as mp
+import operator
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import signal
@@ -45,6 +47,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 BENCH_DIR = Path(__file__).resolve().parent
+_WORKER_LABEL = re.compile(r'worker="\d+",?')
 RESULTS_DIR = BENCH_DIR / "results"
 REPO_DIR = BENCH_DIR.parent
 
@@ -252,7 +255,7 @@ class Stack:
             return ""
 
     def metrics(self) -> dict[str, float]:
-        """The relays' /metrics as ``{'name{labels}': value}``, summed over relays."""
+        """The relays' /metrics as ``{'name{labels}': value}``, summed over relays and workers."""
         values: dict[str, float] = {}
         for port in self.ports:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
@@ -260,16 +263,36 @@ class Stack:
             for line in text.splitlines():
                 if line and not line.startswith("#"):
                     name, _, value = line.rpartition(" ")
+                    # A supervisor's /metrics labels each worker's series: sum them like separate relays'.
+                    name = _WORKER_LABEL.sub("", name).replace(",}", "}").replace("{}", "")
                     with contextlib.suppress(ValueError):
                         values[name] = values.get(name, 0.0) + float(value)
         return values
 
+    def _tree(self) -> list[psutil.Process]:
+        """The relays and, under ``[server] workers = N``, the supervisor's worker processes."""
+        tree = []
+        for process in self.processes:
+            tree.append(process)
+            with contextlib.suppress(psutil.Error):
+                tree.extend(process.children(recursive=True))
+        return tree
+
     def cpu_seconds(self) -> float:
-        """User + system CPU seconds of the relays so far."""
-        return float(sum(t.user + t.system for t in (p.cpu_times() for p in self.processes)))
+        """User + system CPU seconds of the relays (and their workers) so far."""
+        total = 0.0
+        for process in self._tree():
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
 
     def rss(self) -> int:
-        return int(sum(p.memory_info().rss for p in self.processes))
+        total = 0
+        for process in self._tree():
+            with contextlib.suppress(psutil.Error):
+                total += process.memory_info().rss
+        return total
 
     def __exit__(self, *exc: object) -> None:
         with shielded():
@@ -401,7 +424,7 @@ class _SansIOClient(asyncio.Protocol):
         self.clients = clients
         self.transport: Any = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.expected = ["welcome", "ack"] if "channel=" in url else ["welcome"]
+        self.expected = ["welcome"] + ["ack"] * url.count("channel=")  # one ack per channel subscribed
         self.close_code: int | None = None
 
     def connection_made(self, transport: Any) -> None:
@@ -707,10 +730,94 @@ def generator_worker(conn: Any, lifetime_s: float, dsn: str) -> None:
     _serve(conn, lifetime_s, handlers, generator.close)
 
 
+def fastclient_binary() -> Path:
+    """bench/fastclient.c, compiled into bench/results/ when the source is newer than the binary (needs gcc)."""
+    source, binary = BENCH_DIR / "fastclient.c", RESULTS_DIR / "fastclient"
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(source)], check=True)
+    return binary
+
+
+class CClients:
+    """One ``fastclient`` process (``--client-impl c``), driven like a ``Worker`` of ``client_worker``: the same
+    commands ("connect", "reset", "collect") and answers, in "seq" mode."""
+
+    def __init__(self, name: str, lifetime_s: float, poll_ms: int = 0) -> None:
+        self.name = name
+        self.lifetime_s = lifetime_s
+        self.poll_ms = poll_ms
+        self.process: Any = None  # started by the first "connect": the relay's port comes with its URLs
+        self.pending: tuple[Any, ...] = ()
+
+    def send(self, *command: Any) -> None:
+        self.pending = command
+        if command[0] != "connect":
+            assert self.process is not None and self.process.stdin is not None
+            self.process.stdin.write(f"{command[0]}\n".encode())
+            self.process.stdin.flush()
+            return
+        urls, concurrency = command[1], command[2]
+        if self.process is None:
+            parts = urlsplit(urls[0])
+            self.process = subprocess.Popen(
+                [str(fastclient_binary()), parts.hostname or "127.0.0.1", str(parts.port), str(int(self.lifetime_s)),
+                 str(self.poll_ms)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=_die_with_parent)
+        targets = [f"{urlsplit(u).path}?{urlsplit(u).query}" for u in urls]
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"connect {concurrency} {len(targets)}\n".encode() + "".join(
+            f"{t}\n" for t in targets).encode())
+        self.process.stdin.flush()
+
+    def recv(self, timeout: float) -> Any:
+        import select
+
+        assert self.process is not None and self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"{self.name} did not answer within {timeout:g} s")
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} exited with {self.process.wait()}")
+        answer = json.loads(line)
+        if self.pending[0] == "collect":  # as _Clients.collect answers in "seq" mode
+            answer["by_seq"] = {(c, seq): [count, first, last, key, keys]
+                                for c, seq, count, first, last, key, keys in answer["by_seq"]}
+            answer["other"] = {"other": answer["other"]}
+            answer["per_conn"] = {}
+        elif self.pending[0] == "reset":
+            answer = None
+        return answer
+
+    def call(self, *command: Any, timeout: float = 60) -> Any:
+        self.send(*command)
+        return self.recv(timeout)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(OSError):
+            assert self.process.stdin is not None
+            self.process.stdin.write(b"stop\n")
+            self.process.stdin.close()
+        try:
+            self.process.wait(3)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(3)
+
+
 def start_clients(
-    count: int, mode: str, lifetime_s: float, name: str = "clients", impl: str = "asyncio"
-) -> list[Worker]:
-    """Client processes; ``impl`` is "asyncio" (websockets' asyncio client) or "sansio" (``_SansIOClient``)."""
+    count: int, mode: str, lifetime_s: float, name: str = "clients", impl: str = "asyncio", poll_s: float = 0
+) -> list[Any]:
+    """Client processes; ``impl`` is "asyncio" (websockets' asyncio client), "sansio" (``_SansIOClient``) or "c"
+    (``CClients``, "seq" mode only; ``poll_s`` 0: each waits in epoll_wait, else it sweeps every ``poll_s``)."""
+    if impl == "c":
+        if mode != "seq":
+            raise ValueError("the C clients keep notify frames per (channel, seq) only: mode 'seq'")
+        fastclient_binary()
+        return [CClients(f"{name}-{i}", lifetime_s, round(poll_s * 1000)) for i in range(count)]
     return [Worker(client_worker, mode, impl, name=f"{name}-{i}", lifetime_s=lifetime_s) for i in range(count)]
 
 
@@ -763,7 +870,8 @@ def figure(value: float | None, unit: str, target: float | None = None, op: str 
     if target is not None:
         entry["target"] = f"{op} {target:g} {unit}"
         met = value is not None and not (isinstance(value, float) and math.isnan(value))
-        entry["pass"] = bool(met and (value <= target if op == "<=" else value >= target))  # type: ignore[operator]
+        compare = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}[op]
+        entry["pass"] = bool(met and compare(value, target))
     if note:
         entry["note"] = note
     return entry
@@ -787,6 +895,12 @@ def machine() -> dict[str, Any]:
             "kernel": platform.release(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
             "relay_commit": git("rev-parse", "--short", "HEAD"),
             "relay_src_dirty": bool(git("status", "--porcelain", "--", "src"))}
+
+
+def notify_frames(metrics: dict[str, float]) -> float:
+    """Notify frames written, over every transport label (and every worker: ``Stack.metrics`` sums them)."""
+    return sum(value for name, value in metrics.items()
+               if name.startswith("notifyrelay_messages_sent_total{") and 'type="notify"' in name)
 
 
 def counter(metrics: dict[str, float], name: str, **labels: str) -> float:

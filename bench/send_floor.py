@@ -13,6 +13,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -26,8 +27,11 @@ import benchlib as bl
 FRAME = b"\x81\x40" + b"x" * 64  # an unmasked 64-byte text frame, as the relay writes it
 
 
-def receiver(port: int, count: int, ready: Any, done: Any) -> None:
-    """Hold ``count`` connections and read whatever arrives, until told or for 60 s at most."""
+def receiver(port: int, count: int, ready: Any, done: Any, report: Any) -> None:
+    """Hold ``count`` connections and read whatever arrives, until told or for 60 s at most; then send the time of
+    every read back over ``report`` (and its CPU time), so the parent knows when the last receiver had each round's
+    frame. It sleeps in ``epoll_wait``, as every bench client does.
+    """
     bl.raise_nofile()
     selector = selectors.EpollSelector()
     for _ in range(count):
@@ -35,11 +39,22 @@ def receiver(port: int, count: int, ready: Any, done: Any) -> None:
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ)
     ready.set()
+    arrivals = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not done.is_set():
         for key, _ in selector.select(0.5):
-            key.fileobj.recv(4096)  # type: ignore[union-attr]
+            key.fileobj.recv(65536)  # type: ignore[union-attr]
+            arrivals.append(time.monotonic())
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    report.send((arrivals, usage.ru_utime + usage.ru_stime))
     os._exit(0)
+
+
+def last_arrivals(starts: list[float], arrivals: list[float]) -> list[float]:
+    """Per round, the last read before the next round started, less the round's start."""
+    bounds = [*starts[1:], float("inf")]
+    return [max((t for t in arrivals if start <= t < end), default=start) - start
+            for start, end in zip(starts, bounds, strict=True)]
 
 
 def main() -> int:
@@ -57,16 +72,19 @@ def main() -> int:
     server.bind(("127.0.0.1", 0))
     server.listen(4096)
     port = server.getsockname()[1]
-    processes, accepted = [], []
+    processes, accepted, reports = [], [], []
+    starts: dict[int, list[float]] = {}  # thread count -> each round's start
     result: dict[str, Any] = {"scenario": "send_floor", "machine": bl.machine(), "sockets": args.sockets,
                               "receiver_processes": args.receivers, "frame_bytes": len(FRAME), "figures": {}}
     try:
         for _ in range(args.receivers):
             ready = context.Event()
-            process = context.Process(target=receiver, args=(port, args.sockets // args.receivers, ready, done),
-                                      daemon=True)
+            share = args.sockets // args.receivers
+            report, child = context.Pipe(duplex=False)
+            process = context.Process(target=receiver, args=(port, share, ready, done, child), daemon=True)
             process.start()
             processes.append((process, ready))
+            reports.append(report)
         total = args.sockets // args.receivers * args.receivers
         while len(accepted) < total:
             sock, _ = server.accept()
@@ -85,12 +103,26 @@ def main() -> int:
             with ThreadPoolExecutor(threads) as pool:
                 for _ in range(args.rounds):
                     time.sleep(0.3)  # let every receiver go back to sleep
-                    started = time.perf_counter()
+                    started = time.monotonic()
+                    starts.setdefault(threads, []).append(started)
                     list(pool.map(send_all, shares))
-                    timings.append(time.perf_counter() - started)
+                    timings.append(time.monotonic() - started)
             result["figures"][f"sends_{threads}_thread_ms"] = bl.figure(
                 round(statistics.median(timings) * 1000, 1), "ms",
                 note=f"median of {args.rounds}: one frame to each of {total} sockets")
+        time.sleep(0.5)  # the last round read
+        done.set()
+        answers = [report.recv() for report in reports if report.poll(10)]
+        arrivals = sorted(t for times, _ in answers for t in times)
+        result["receivers_cpu_us_per_read"] = round(sum(cpu for _, cpu in answers) / max(1, len(arrivals)) * 1e6, 1)
+        for threads, round_starts in starts.items():
+            # Pair each round with the next one's start, across thread counts, so no round takes another's reads.
+            every = sorted(t for s in starts.values() for t in s)
+            lasts = [last for start, last in zip(every, last_arrivals(every, arrivals), strict=True)
+                     if start in round_starts]
+            result["figures"][f"sends_{threads}_thread_to_last_read_ms"] = bl.figure(
+                round(statistics.median(lasts) * 1000, 1), "ms",
+                note=f"median of {args.rounds}: first send to the last receiver's read of its frame")
     finally:
         with bl.shielded():
             done.set()
