@@ -5,9 +5,12 @@ and LISTENing), the resident memory of the supervisor and of each idle worker, a
 SIGKILL of one worker to ``/readyz`` 200 again with its successor (the supervisor's backoff of 0.5 s included), and
 the time from SIGTERM to the whole tree having exited. One embedded PostgreSQL serves every run.
 
-With ``--fanout``, instead: deliveries per second with 1 and 2 workers, fanout.py's mixed phase scaled down (clients
-following one key each and some following ``*``, a generator updating keys at ``--rate``), the relay's CPU being the
-supervisor's and every worker's, and frames written the sum of every worker's ``messages_sent_total``.
+With ``--fanout``, instead: deliveries per second with the relay saturated, per worker count (``--workers 1,2``),
+beside the CPU the relay (supervisor and every worker), the client processes and the whole machine used; frames
+counted are what the clients received over the middle of the load, relay saturated (the relay's own counter
+would also count the backlog it writes after the load stops). The clients are the lightest the bench has
+(``bench/fastclient.c``), so that as much of the two cores as possible is left to the relay; their load is reported
+beside each figure.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -24,6 +26,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import benchlib as bl
 
@@ -90,76 +93,80 @@ def measure(workers: int, dsn: str, directory: Path) -> dict[str, Any]:
             process.wait(10)
 
 
-class WorkerStack(bl.Stack):
-    """``bl.Stack`` whose relay may be a supervisor: CPU and memory include its workers, metrics sum over them."""
-
-    def _tree(self) -> list[Any]:
-        return [p for process in self.processes for p in (process, *process.children(recursive=True))]
-
-    def cpu_seconds(self) -> float:
-        return float(sum(t.user + t.system for t in (p.cpu_times() for p in self._tree())))
-
-    def rss(self) -> int:
-        return int(sum(p.memory_info().rss for p in self._tree()))
-
-    def metrics(self) -> dict[str, float]:
-        summed: dict[str, float] = {}
-        for name, value in super().metrics().items():
-            name = re.sub(r'worker="\d+",?', "", name).replace(",}", "}").replace("{}", "")
-            summed[name] = summed.get(name, 0.0) + value
-        return summed
-
-
-def notify_frames(metrics: dict[str, float]) -> float:
-    """notify frames written, over every transport (and worker)."""
-    return sum(value for name, value in metrics.items()
-               if name.startswith("notifyrelay_messages_sent_total{") and 'type="notify"' in name)
-
-
 def fanout(workers: int, args: argparse.Namespace) -> dict[str, Any]:
-    """fanout.py's mixed phase, scaled down to what a shared 2-core machine runs beside its clients."""
-    channel = "bench_workers_fanout"
-    keys = [f"k{i}" for i in range(args.keys)]
-    with WorkerStack(f"workers-fanout-{workers}", [{"name": channel}], server={"workers": workers}) as stack:
-        clients = bl.start_clients(args.client_processes, "seq", lifetime_s=600, name="clients", impl="sansio")
-        generators = bl.start_generators(1, stack.dsn, connections=2, lifetime_s=600)
+    """Deliveries per second with the relay saturated: ``--clients`` clients follow ``*`` on ``--channels`` channels,
+    and every statement NOTIFYs one key on every channel, often enough that each channel flushes a batch every
+    window; so each client is offered channels x 5 frames a second, more than the relay can write."""
+    import psutil
+
+    names = [f"bench_workers_{i}" for i in range(args.channels)]
+    server = {"workers": workers} if workers > 1 else {}
+    with bl.Stack(f"workers-fanout-{workers}", [{"name": name} for name in names], server=server) as stack:
+        clients = bl.start_clients(args.client_processes, "seq", lifetime_s=600, name="clients", impl="c",
+                                   poll_s=args.poll_ms / 1000)
+        generators = bl.start_generators(1, stack.dsn, connections=1, lifetime_s=600)
         with bl.workers_stopped(clients + generators):
-            urls = [stack.ws_url(channel, [] if i < args.wildcard else [keys[i % len(keys)]])
-                    for i in range(args.clients)]
-            bl.connect_clients(clients, urls, timeout=120)
-            time.sleep(1)
+            url = f"ws://127.0.0.1:{stack.ports[0]}/ws?" + urlencode([("channel", name) for name in names])
+            bl.connect_clients(clients, [url] * args.clients, timeout=120)
+            time.sleep(1.5)
             bl.call_all(clients, ("reset",), timeout=30)
-            time.sleep(1.5)  # as below: every worker's exposition fresh
-            before, cpu_before, started = stack.metrics(), stack.cpu_seconds(), time.monotonic()
-            generators[0].call(
-                "paced", {"channel": channel, "rate": args.rate, "duration": args.seconds, "batch": 100,
-                          "n_keys": len(keys), "prefix": "k", "seed": 3},
-                timeout=args.seconds * 3 + 60,
-            )
-            wall = time.monotonic() - started
-            cpu = (stack.cpu_seconds() - cpu_before) / wall
-            time.sleep(1.5)  # every worker's exposition rewritten since (they are up to a second old)
-            after = stack.metrics()
-            written = notify_frames(after) - notify_frames(before)
-            received = sum(a["frames"] for a in bl.call_all(clients, ("collect",), timeout=60))
-            return {"workers": workers, "deliveries_per_s": round(written / wall),
-                    "relay_cpu_percent": round(cpu * 100, 1),
-                    "deliveries_per_s_per_core": round(written / wall / cpu) if cpu > 0 else None,
-                    # The clients' own count, beside the relay's (they differed by 8-25 % on a loaded machine).
-                    "received_per_s_per_core": round(received / wall / cpu) if cpu > 0 else None,
-                    "frames_written": int(written), "frames_received": received, "seconds": round(wall, 2),
-                    "relay_rss_mib": round(stack.rss() / 2**20, 1)}
+            client_processes = [psutil.Process(client.process.pid) for client in clients]
+
+            def clients_cpu() -> float:
+                return sum(t.user + t.system for t in (p.cpu_times() for p in client_processes))
+
+            def received() -> int:
+                return sum(answer["frames"] for answer in bl.call_all(clients, ("collect",), timeout=60))
+
+            generators[0].send(
+                "paced", {"channel": "bench_workers_", "rate": args.rate, "duration": args.seconds, "seed": 3,
+                          "keys": [f"k{i}" for i in range(1000)],
+                          "sql": f"SELECT pg_notify($1::text || g::text, $2::text) "
+                                 f"FROM generate_series(0, {args.channels - 1}) g"})
+            # Measure inside the load, after the relay has filled up: a saturated relay holds a backlog of batches,
+            # and what it writes after the load stops would flatter a count taken at the end.
+            time.sleep(args.warmup)
+            machine_before, relay_before, clients_before = psutil.cpu_times(), stack.cpu_seconds(), clients_cpu()
+            frames_before, started = received(), time.monotonic()
+            time.sleep(args.seconds - args.warmup - 1)
+            frames, wall = received() - frames_before, time.monotonic() - started
+            relay = (stack.cpu_seconds() - relay_before) / wall
+            client_load = (clients_cpu() - clients_before) / wall
+            machine_after = psutil.cpu_times()
+            busy = sum(getattr(machine_after, f) - getattr(machine_before, f)
+                       for f in ("user", "system", "nice", "irq", "softirq", "steal")) / wall
+            generators[0].recv(args.seconds * 3 + 60)
+            return {"workers": workers, "deliveries_per_s": round(frames / wall),
+                    "relay_cores": round(relay, 2), "clients_cores": round(client_load, 2),
+                    "machine_busy_cores": round(busy, 2),
+                    "deliveries_per_s_per_relay_core": round(frames / wall / relay) if relay > 0 else None,
+                    "frames_received": frames, "seconds": round(wall, 2),
+                    "offered_per_s": args.clients * args.channels * 5, "relay_rss_mib": round(stack.rss() / 2**20, 1)}
 
 
 def body(args: argparse.Namespace, result: dict[str, Any]) -> None:
     from notifyrelay.pgembed import EmbeddedPostgres
 
     if args.fanout:
-        result["settings"] = {k: getattr(args, k) for k in ("clients", "wildcard", "keys", "rate", "seconds",
-                                                            "client_processes")}
-        result["columns"] = [fanout(int(n), args) for n in args.workers.split(",")]
-        result["figures"] = {f"deliveries_per_s_{c['workers']}_workers": bl.figure(c["deliveries_per_s"], "frames/s")
-                             for c in result["columns"]}
+        result["settings"] = {k: getattr(args, k) for k in ("clients", "channels", "rate", "seconds",
+                                                            "warmup", "client_processes", "poll_ms")}
+        result["columns"] = columns = [fanout(int(n), args) for n in args.workers.split(",")]
+        figures = result["figures"] = {}
+        for c in columns:
+            figures[f"deliveries_per_s_{c['workers']}_workers"] = bl.figure(
+                c["deliveries_per_s"], "frames/s",
+                note=f"relay {c['relay_cores']} cores, clients {c['clients_cores']}, machine {c['machine_busy_cores']}"
+                     " busy of 2")
+        one = next((c for c in columns if c["workers"] == 1), None)
+        two = next((c for c in columns if c["workers"] == 2), None)
+        if one and two and one["deliveries_per_s"]:
+            figures["two_workers_over_one"] = bl.figure(
+                round(two["deliveries_per_s"] / one["deliveries_per_s"], 2), "x", 1.7, ">=",
+                note="deliveries/s, 2 workers / 1 worker, clients on the same 2 cores")
+            if one["deliveries_per_s_per_relay_core"] and two["deliveries_per_s_per_relay_core"]:
+                figures["per_relay_core_two_over_one"] = bl.figure(
+                    round(two["deliveries_per_s_per_relay_core"] / one["deliveries_per_s_per_relay_core"], 2), "x",
+                    note="deliveries per relay CPU-second, 2 workers / 1: what a second worker costs per frame")
         return
     counts = [int(n) for n in args.workers.split(",")]
     bl.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -174,11 +181,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1,2,4", help="worker counts to run, one after the other")
     parser.add_argument("--fanout", action="store_true", help="deliveries per second instead (use --workers 1,2)")
-    parser.add_argument("--clients", type=int, default=2000)
-    parser.add_argument("--wildcard", type=int, default=200, help="clients following *")
-    parser.add_argument("--keys", type=int, default=1000)
-    parser.add_argument("--rate", type=int, default=5000, help="notifications/s")
-    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--clients", type=int, default=2000, help="with --fanout: clients following * everywhere")
+    parser.add_argument("--channels", type=int, default=16, help="with --fanout: channels each client follows")
+    parser.add_argument("--rate", type=int, default=40, help="with --fanout: statements/s, each NOTIFYing every "
+                        "channel once")
+    parser.add_argument("--seconds", type=float, default=8, help="with --fanout: the load's length")
+    parser.add_argument("--poll-ms", type=int, default=50, help="with --fanout: the clients sweep their sockets "
+                        "this often (0: each waits in epoll_wait); one read() then takes several frames")
+    parser.add_argument("--warmup", type=float, default=2, help="with --fanout: seconds of load before counting")
     parser.add_argument("--client-processes", type=int, default=2)
     return bl.scenario_main("workers", 300, body, parser)
 
