@@ -203,10 +203,10 @@ class Hub:
                 self._sent["notify", name].inc(count)
             if size:
                 self._bytes["notify"].inc(size)
-        now = time.monotonic()
-        observe = self._metrics.delivery_latency.observe
-        for received in batch.received_at:
-            observe(now - received)
+            if written and batch.received_at:
+                # Once per batch, from its oldest notification: how long its longest-waiting change took to go out
+                # (one observation per key took prometheus' lock once per frame written).
+                self._metrics.delivery_latency.observe(time.monotonic() - min(batch.received_at))
         if batch.committed_at:
             # Wall clock against the database's: skew between the hosts shows here, so clamp it at zero.
             wall, since_commit = time.time(), self._metrics.commit_to_delivery.labels(batch.channel).observe
