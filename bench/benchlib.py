@@ -35,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import urllib.error
@@ -296,6 +297,7 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         with shielded():
+            tree = self._tree()  # a supervisor's workers too, in case it dies before it stops them
             for relay in self.relays:
                 if relay.poll() is None:
                     relay.terminate()
@@ -305,6 +307,9 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     relay.kill()
                     relay.wait(5)
+            for process in tree:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
             if self.pg is not None:
                 try:
                     self.pg.cleanup()
@@ -765,10 +770,15 @@ class CClients:
                  str(self.poll_ms)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=_die_with_parent)
         targets = [f"{urlsplit(u).path}?{urlsplit(u).query}" for u in urls]
-        assert self.process.stdin is not None
-        self.process.stdin.write(f"connect {concurrency} {len(targets)}\n".encode() + "".join(
-            f"{t}\n" for t in targets).encode())
-        self.process.stdin.flush()
+        lines = f"connect {concurrency} {len(targets)}\n".encode() + "".join(f"{t}\n" for t in targets).encode()
+        stdin = self.process.stdin
+        assert stdin is not None
+
+        def write() -> None:  # more than a pipe holds: from a thread, so that every process connects at once
+            stdin.write(lines)
+            stdin.flush()
+
+        threading.Thread(target=write, daemon=True).start()
 
     def recv(self, timeout: float) -> Any:
         import select
@@ -782,8 +792,15 @@ class CClients:
             raise RuntimeError(f"{self.name} exited with {self.process.wait()}")
         answer = json.loads(line)
         if self.pending[0] == "collect":  # as _Clients.collect answers in "seq" mode
-            answer["by_seq"] = {(c, seq): [count, first, last, key, keys]
-                                for c, seq, count, first, last, key, keys in answer["by_seq"]}
+            by_seq: dict[tuple[str, int], list[Any]] = {}
+            for c, seq, count, first, last, key, keys in answer["by_seq"]:
+                entry = by_seq.get((c, seq))
+                if entry is None:
+                    by_seq[c, seq] = [count, first, last, key, keys]
+                else:  # a batch the client's look-back had lost sight of: one entry again
+                    entry[0] += count
+                    entry[1], entry[2] = min(entry[1], first), max(entry[2], last)
+            answer["by_seq"] = by_seq
             answer["other"] = {"other": answer["other"]}
             answer["per_conn"] = {}
         elif self.pending[0] == "reset":
@@ -806,6 +823,8 @@ class CClients:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(3)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
 
 def start_clients(
