@@ -133,6 +133,32 @@ def test_notify_on_a_state_channel_carries_only_the_clients_keys_rows() -> None:
     }
 
 
+_texts = st.text(min_size=1, max_size=6)
+
+
+@given(
+    channel=_texts, seq=st.integers(0, 2**53), ts=st.integers(0, 2**53),
+    batch=st.lists(_texts, min_size=1, max_size=6, unique=True), data=st.data(),
+    with_payloads=st.booleans(), with_state=st.booleans(),
+)
+def test_a_batch_s_notify_frames_are_byte_for_byte_notify(
+    channel: str, seq: int, ts: int, batch: list[str], data: st.DataObject, with_payloads: bool, with_state: bool,
+) -> None:
+    """The hub's per-batch encoder writes exactly the bytes notify writes, for any subset of the batch's keys."""
+    keys = data.draw(st.lists(st.sampled_from(batch), min_size=1, unique=True))
+    payloads: dict[str, Any] | None = None
+    if with_payloads:
+        values = st.sampled_from([key * 2 for key in batch] + [msgspec.Raw(b'{"n":[1,"\\u00e9"]}')])
+        payloads = {key: data.draw(values) for key in batch[1:]}
+    state = None
+    if with_state:
+        state = Rows(rows={key: {"n": n} for n, key in enumerate(batch[::2])}, gone=batch[1::3],
+                     progress={batch[0]: {"percent": 1.5}}, error=data.draw(st.sampled_from([None, "timeout"])),
+                     error_keys=batch[-1:])
+    frames = protocol.NotifyFrames(channel, seq, ts, payloads, state=state)
+    assert frames.frame(keys) == protocol.notify(channel, seq, ts, keys, payloads, state=state)
+
+
 def test_a_failed_state_query_still_sends_the_keys() -> None:
     """When the state query failed the notify keeps its keys and says state_error, with empty rows."""
     frame = decode(protocol.notify("c", 1, 2, ["1"], state=Rows(error="timeout")))

@@ -195,10 +195,11 @@ class Hub:
             # prometheus increment takes a lock; with a frame per client it was a fifth of the relay's time).
             written: dict[str, int] = {}
             size = 0
+            frames = protocol.NotifyFrames(batch.channel, batch.seq, batch.ts, batch.payloads, state=batch.state)
             if everything:
-                size += self._deliver(everything, batch, batch.keys, written)
+                size += self._deliver(everything, batch, frames, batch.keys, written)
             for group_keys, sessions in groups.items():
-                size += self._deliver(sessions, batch, list(group_keys), written)
+                size += self._deliver(sessions, batch, frames, list(group_keys), written)
             for name, count in written.items():
                 self._sent["notify", name].inc(count)
             if size:
@@ -213,7 +214,10 @@ class Hub:
             for committed in batch.committed_at:
                 since_commit(max(0.0, wall - committed))
 
-    def _deliver(self, sessions: list[Session], batch: Batch, keys: list[str], written: dict[str, int]) -> int:
+    def _deliver(
+        self, sessions: list[Session], batch: Batch, frames: protocol.NotifyFrames, keys: list[str],
+        written: dict[str, int],
+    ) -> int:
         """Write one frame of ``keys`` to ``sessions`` (or fold it for those that cannot take it now); count the
         frames written into ``written`` by transport, and return their bytes. The hot loop of fan-out: _write is
         inlined."""
@@ -229,9 +233,7 @@ class Hub:
                              max_keys=self.settings.max_pending_keys, now=fold_at)
                 continue
             if frame is None:
-                frame = OutFrame("notify", protocol.notify(
-                    channel, batch.seq, batch.ts, keys, batch.payloads, state=batch.state,
-                ), batch.ts)
+                frame = OutFrame("notify", frames.frame(keys), batch.ts)
             transport = transports.get(session)
             if transport is not None and transport.write(frame):
                 written[transport.name] = written.get(transport.name, 0) + 1
