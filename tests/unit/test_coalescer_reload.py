@@ -93,3 +93,21 @@ def test_sustained_overflow_is_reported_at_most_once_per_window() -> None:
     assert len(sink.overflows) == 2
     channel, start, end = sink.overflows[1]
     assert channel == "c" and start == first_loss + timedelta(milliseconds=10) and start < end
+
+
+def test_only_notifications_folded_into_a_pending_key_count_as_coalesced() -> None:
+    """notifications_coalesced counts a notification whose key was already waiting, not one that went out at once
+    (the leading edge), opened its key in the window, or found its pending key and flushed it on the leading edge."""
+    coalescer, sink, clock = make([ChannelConfig(name="c"), ChannelConfig(name="d")])
+    metrics = coalescer._metrics
+    coalescer.ingest([("c", "a", 100.0), ("c", "a", 100.0), ("c", "a", 100.0), ("c", "b", 100.0), ("c", "b", 100.0),
+                      ("d", "x", 100.0), ("d", "x", 100.0)])
+    clock[0] = 100.5  # the windows are over, and no flush_due ran: c's "a" and "b" and d's "x" are still pending
+    coalescer.ingest([("c", "a", 100.5), ("d", "x", 100.5)])  # "a" folds; "x", alone, goes out on the leading edge
+    assert [b.keys for b in sink.batches] == [["a"], ["x"], ["x"]]
+
+    def count(name: str, channel: str) -> float | None:
+        return metrics.registry.get_sample_value(f"notifyrelay_notifications_{name}_total", {"channel": channel})
+
+    assert (count("received", "c"), count("coalesced", "c")) == (6, 3)
+    assert (count("received", "d"), count("coalesced", "d")) == (3, 0)

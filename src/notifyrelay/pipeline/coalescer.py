@@ -120,6 +120,7 @@ class ChannelWindow:
         self._first_seen: list[float] = []
         self._committed: list[float] = []
         self._opened_at = 0.0
+        self.folded = 0  # notifications folded into a key already pending (not flushed), until the caller resets it
 
     @property
     def pending(self) -> int:
@@ -134,15 +135,17 @@ class ChannelWindow:
         """
         if committed is not None:
             self._committed.append(committed)
-        if key not in self._pending:
-            if not self._pending:
+        pending = self._pending
+        folded = key in pending
+        if not folded:
+            if not pending:
                 self._opened_at = now
             self._first_seen.append(now if received is None else received)
-        self._pending[key] = value
-        if self.window_s == 0 or (
-            self.leading_edge and len(self._pending) == 1 and now - self.last_flush >= self.window_s
-        ):
+        pending[key] = value
+        if self.window_s == 0 or (self.leading_edge and len(pending) == 1 and now - self.last_flush >= self.window_s):
             return self.flush(now)
+        if folded:
+            self.folded += 1
         return None
 
     def deadline(self) -> float | None:
@@ -256,27 +259,26 @@ class Coalescer:
         now = self._clock()
         # Counted per drain, not per notification: a labels() lookup per notification costs more than the fold.
         received_count: dict[str, int] = {}
-        coalesced_count: dict[str, int] = {}
+        windows, extractors = self._windows, self._extractors
         for channel, payload, received in items:
-            window = self._windows.get(channel)
+            window = windows.get(channel)
             if window is None:  # a channel removed by a reload while its notifications were queued
                 continue
             received_count[channel] = received_count.get(channel, 0) + 1
             try:
-                key, value, committed = self._extractors[channel].extract(payload)
+                key, value, committed = extractors[channel].extract(payload)
             except BadPayload as exc:
                 self._bad_payload(channel, str(exc), payload)
                 continue
-            pending_before = window.pending
             batch = window.add(key, value, now, received, committed)
             if batch is not None:
                 self._publish(batch)
-            elif window.pending == pending_before:
-                coalesced_count[channel] = coalesced_count.get(channel, 0) + 1
         for channel, count in received_count.items():
             self._metrics.notifications_received.labels(channel).inc(count)
-        for channel, count in coalesced_count.items():
-            self._metrics.notifications_coalesced.labels(channel).inc(count)
+            window = windows[channel]
+            if window.folded:
+                self._metrics.notifications_coalesced.labels(channel).inc(window.folded)
+                window.folded = 0
         for channel, since in self._queue.take_overflow().items():
             # Notifications were dropped because the queue was full: subscribers must refetch.
             self._metrics.ingest_overflows.labels(channel).inc()
