@@ -13,8 +13,8 @@ histogram (receipt to the last frame written) shows the relay's own share, witho
 
 Issue 13's comparison: ``--phases all --client-impl c --workers 1,2,4 --loops asyncio,uvloop --floor`` runs phase
 "all" once per event loop and worker count (a fresh relay each: ``NOTIFYRELAY_EVENT_LOOP``, ``[server] workers``),
-then send_floor.py in the same run, and reports each run's median batch against the one-thread floor (target: at
-most 1.3x with one worker, below it with two). The client processes' CPU over the lone batches is reported as their
+with send_floor.py just before each run, and reports each run's median batch against its one-thread floor (target:
+at most 1.3x with one worker, below it with two). The client processes' CPU over the lone batches is reported as their
 own load; the C clients (bench/fastclient.c, the lightest) run phase "all" only.
 """
 
@@ -100,41 +100,42 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         """Figure names carry the event loop and the worker count when a run has several."""
         return "".join((f"{loop}_" if len(loops) > 1 else "", f"w{workers}_" if len(worker_counts) > 1 else ""))
 
+    floors: dict[str, float | None] = {}  # run -> its own one-thread floor, measured just before it
     for loop, workers in runs:
+        name = prefix(loop, workers)
         into: dict[str, Any] = result if len(runs) == 1 else result.setdefault("runs", {}).setdefault(
-            prefix(loop, workers).rstrip("_"), {})
+            name.rstrip("_"), {})
+        if args.floor:
+            # This machine's send() cost drifts by tens of percent within an hour: each run is judged against a
+            # floor taken right before it, with no relay running.
+            floor = into["send_floor"] = send_floor(args)
+            floors[name] = floor["figures"].get("sends_1_thread_ms", {}).get("value")  # None if it failed
+            for figure in ("sends_1_thread_ms", "sends_2_thread_ms", "sends_1_thread_to_last_read_ms"):
+                value = floor["figures"].get(figure, {}).get("value")
+                figures[f"{name}floor_{figure.removeprefix('sends_')}"] = bl.figure(value, "ms")
         run_figures: dict[str, Any] = {}
         run_loop(args, loop, workers, phases, mixed_s, lone_count, into, run_figures)
-        for name, fig in run_figures.items():
-            figures[prefix(loop, workers) + name] = fig
-    if args.floor:
-        floor = send_floor(args)
-        result["send_floor"] = floor
-        one = floor["figures"].get("sends_1_thread_ms", {}).get("value")  # None when send_floor.py failed
-        figures["send_floor_1_thread_ms"] = bl.figure(one, "ms", note="send_floor.py in the same run")
-        figures["send_floor_2_threads_ms"] = bl.figure(floor["figures"].get("sends_2_thread_ms", {}).get("value"),
-                                                       "ms")
-        figures["send_floor_1_thread_to_last_read_ms"] = bl.figure(
-            floor["figures"].get("sends_1_thread_to_last_read_ms", {}).get("value"), "ms",
-            note="the floor's first send to its last receiver's read: what commit-to-last-client is beside")
-        for loop, workers in runs:
-            name = prefix(loop, workers)
-            last = figures.get(f"{name}batch_to_last_client_p50_ms", {}).get("value")
-            if last is not None and one:
-                # Issue 13: one worker within 1.3x of the one-thread floor; two (or more) below it. A run in which
-                # some batch missed a client passes nothing: its median would leave the missing out.
-                target = 1.3 if workers == 1 else 1.0
-                op = "<=" if workers == 1 else "<"
-                everyone = figures.get(f"{name}clients_reached_per_batch_min", {}).get("pass", False)
-                figures[f"{name}batch_to_last_over_floor"] = bl.figure(
-                    round(last / one, 2) if everyone else None, "x", target, op,
-                    note="commit to the last client (median batch) / one-thread floor" if everyone else
-                    f"not judged: some batch missed a client (median {last / one:.2f}x)")
-            cpu = figures.get(f"{name}relay_cpu_ms_per_batch", {}).get("value")
-            if cpu is not None and one:
-                figures[f"{name}relay_cpu_per_batch_over_floor"] = bl.figure(
-                    round(cpu / one, 2), "x", note="the relay's CPU per batch (every worker's) / one-thread floor "
-                    "(wall, CPU-bound): the relay's own share, without the clients' scheduling")
+        for figure, value in run_figures.items():
+            figures[name + figure] = value
+    for loop, workers in runs:
+        name = prefix(loop, workers)
+        one = floors.get(name)
+        last = figures.get(f"{name}batch_to_last_client_p50_ms", {}).get("value")
+        if last is not None and one:
+            # Issue 13: one worker within 1.3x of the one-thread floor; two (or more) below it. A run in which
+            # some batch missed a client passes nothing: its median would leave the missing out.
+            target = 1.3 if workers == 1 else 1.0
+            op = "<=" if workers == 1 else "<"
+            everyone = figures.get(f"{name}clients_reached_per_batch_min", {}).get("pass", False)
+            figures[f"{name}batch_to_last_over_floor"] = bl.figure(
+                round(last / one, 2) if everyone else None, "x", target, op,
+                note="commit to the last client (median batch) / the one-thread floor taken just before" if everyone
+                else f"not judged: some batch missed a client (median {last / one:.2f}x)")
+        cpu = figures.get(f"{name}relay_cpu_ms_per_batch", {}).get("value")
+        if cpu is not None and one:
+            figures[f"{name}relay_cpu_per_batch_over_floor"] = bl.figure(
+                round(cpu / one, 2), "x", note="the relay's CPU per batch (every worker's) / one-thread floor "
+                "(wall, CPU-bound): the relay's own share, without the clients' scheduling")
 
 
 def send_floor(args: argparse.Namespace) -> dict[str, Any]:
@@ -312,7 +313,7 @@ def main() -> int:
     parser.add_argument("--loops", default="default",
                         help="the relay's event loops to run in turn: asyncio, uvloop, default (the relay's choice)")
     parser.add_argument("--src", default="", help="run the relay from this src/ directory (an older checkout)")
-    parser.add_argument("--floor", action="store_true", help="also run send_floor.py and compare with it")
+    parser.add_argument("--floor", action="store_true", help="also run send_floor.py before each run and compare")
     return bl.scenario_main("fanout", 900, run, parser)
 
 
