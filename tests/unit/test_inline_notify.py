@@ -7,7 +7,7 @@ import inspect
 import asyncpg
 import asyncpg.connection
 
-from notifyrelay.pipeline.listener import INLINE_NOTIFY, InlineNotifyConnection
+from notifyrelay.pipeline.inline_notify import INLINE_NOTIFY, InlineNotifyConnection
 
 
 def test_asyncpg_still_has_the_private_hook_the_listener_overrides() -> None:
