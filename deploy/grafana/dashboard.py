@@ -117,8 +117,9 @@ def build() -> dict[str, Any]:
     d.panel("stat", "NOTIFY queue usage", "pg_notification_queue_usage() sampled on each heartbeat. Writers' "
             "commits fail at 100%.", [(f"max({series('pg_notification_queue_usage')})", "")], x=12, w=4, h=4,
             unit="percentunit", min_=0, max_=1, thresholds=steps((GREEN, None), (YELLOW, 0.5), (RED, 0.8)))
-    d.panel("stat", "Delivery p99", "99th percentile from a notification's receipt to its frames being written, "
-            "over the last 5 minutes.", [(quantile(0.99, "delivery_latency_seconds", window="5m"), "")],
+    d.panel("stat", "Delivery p99", "99th percentile, over the last 5 minutes and one sample per batch, "
+            "from the receipt of a batch's oldest notification to its frames being written.",
+            [(quantile(0.99, "delivery_latency_seconds", window="5m"), "")],
             x=16, w=4, h=4, unit="s", thresholds=steps((GREEN, None), (YELLOW, 0.5), (RED, 1)))
     d.panel("stat", "Version", "notifyrelay_build_info: the versions running.",
             [(f"count by (version) ({series('build_info')})", "{{version}}")], x=20, w=4, h=4,
@@ -147,8 +148,9 @@ def build() -> dict[str, Any]:
     d.next_line()
 
     d.row("Latency")
-    d.panel("timeseries", "Delivery latency", "From a notification's receipt to its batch's frames being written, "
-            "the coalescing window included. Alert NotifyRelayDeliveryLatencyHigh at p99 > 1 s.",
+    d.panel("timeseries", "Delivery latency", "From the receipt of a batch's oldest notification to the batch's "
+            "frames being written (one sample per batch), the coalescing window included. Alert "
+            "NotifyRelayDeliveryLatencyHigh at p99 > 1 s.",
             [(quantile(q, "delivery_latency_seconds"), f"p{round(q * 100)}") for q in (0.5, 0.9, 0.99)],
             x=0, unit="s")
     d.panel("timeseries", "Commit to delivery (p99)", "Per channel with commit_time_field: from the commit "

@@ -206,7 +206,7 @@ class Hub:
                 self._bytes["notify"].inc(size)
             if written and batch.received_at:
                 # Once per batch, from its oldest notification: how long its longest-waiting change took to go out
-                # (one observation per key took prometheus' lock once per frame written).
+                # (one observation per key took prometheus-client's lock once per key of every batch).
                 self._metrics.delivery_latency.observe(time.monotonic() - min(batch.received_at))
         if batch.committed_at:
             # Wall clock against the database's: skew between the hosts shows here, so clamp it at zero.

@@ -160,7 +160,8 @@ class Metrics:
             ["errno"], registry=r,
         )
         self.delivery_latency = Histogram(
-            f"{p}delivery_latency_seconds", "From a notification's receipt to its batch's frames being written.",
+            f"{p}delivery_latency_seconds",
+            "From the receipt of a batch's oldest notification to the batch's frames being written (one per batch).",
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.commit_to_delivery = Histogram(
