@@ -93,9 +93,13 @@ def main() -> int:
         for _, ready in processes:
             ready.wait(30)
 
-        def send_all(share: list[socket.socket]) -> None:
+        sender_cpu: dict[int, list[float]] = {}  # thread count -> each round's CPU of the sending threads
+
+        def send_all(share: list[socket.socket]) -> float:
+            cpu = time.thread_time()
             for sock in share:
                 sock.send(FRAME)
+            return time.thread_time() - cpu
 
         for threads in (int(t) for t in args.threads.split(",")):
             shares = [accepted[i::threads] for i in range(threads)]
@@ -105,11 +109,14 @@ def main() -> int:
                     time.sleep(0.3)  # let every receiver go back to sleep
                     started = time.monotonic()
                     starts.setdefault(threads, []).append(started)
-                    list(pool.map(send_all, shares))
+                    sender_cpu.setdefault(threads, []).append(sum(pool.map(send_all, shares)))
                     timings.append(time.monotonic() - started)
             result["figures"][f"sends_{threads}_thread_ms"] = bl.figure(
                 round(statistics.median(timings) * 1000, 1), "ms",
                 note=f"median of {args.rounds}: one frame to each of {total} sockets")
+            result["figures"][f"sends_{threads}_thread_cpu_us_per_send"] = bl.figure(
+                round(statistics.median(sender_cpu[threads]) / total * 1e6, 1), "us",
+                note="the sending threads' own CPU (user + system) per send, median round")
         time.sleep(0.5)  # the last round read
         done.set()
         answers = [report.recv() for report in reports if report.poll(10)]
