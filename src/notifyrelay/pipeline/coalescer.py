@@ -120,7 +120,7 @@ class ChannelWindow:
         self._first_seen: list[float] = []
         self._committed: list[float] = []
         self._opened_at = 0.0
-        self.folded = 0  # notifications folded into a key already pending (not flushed), until the caller resets it
+        self._folded = 0  # notifications folded into a key already pending, since take_folded() last asked
 
     @property
     def pending(self) -> int:
@@ -145,8 +145,13 @@ class ChannelWindow:
         if self.window_s == 0 or (self.leading_edge and len(pending) == 1 and now - self.last_flush >= self.window_s):
             return self.flush(now)
         if folded:
-            self.folded += 1
+            self._folded += 1
         return None
+
+    def take_folded(self) -> int:
+        """How many notifications were folded into an already pending key since the last call (for the metrics)."""
+        folded, self._folded = self._folded, 0
+        return folded
 
     def deadline(self) -> float | None:
         """When the pending keys are due (monotonic seconds), or None when nothing is pending."""
@@ -276,9 +281,8 @@ class Coalescer:
         for channel, count in received_count.items():
             self._metrics.notifications_received.labels(channel).inc(count)
             window = windows[channel]
-            if window.folded:
-                self._metrics.notifications_coalesced.labels(channel).inc(window.folded)
-                window.folded = 0
+            if folded := window.take_folded():
+                self._metrics.notifications_coalesced.labels(channel).inc(folded)
         for channel, since in self._queue.take_overflow().items():
             # Notifications were dropped because the queue was full: subscribers must refetch.
             self._metrics.ingest_overflows.labels(channel).inc()
