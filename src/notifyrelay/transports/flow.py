@@ -1,10 +1,10 @@
-"""Flow control every transport shares: the one stall watchdog per client.
+"""What every client transport shares: its connection, the hub, its timers, and the one stall watchdog.
 
 asyncio tells a protocol when its write buffer passes the high-water mark (``pause_writing``) and when it has
 drained (``resume_writing``). A transport passes both on to the hub, which folds the client's batches meanwhile and
 catches it up after, and starts a ``stall_timeout_s`` timer that closes a client that never drains, whichever way
 it stopped (notify frames, answers to its own frames, pongs to its pings). Websockets and streams differ only in
-what pausing means for reading (a websocket stops reading its peer too) and in how they end.
+what pausing means for reading (a websocket stops reading its peer too), in their keepalive and in how they end.
 """
 
 from __future__ import annotations
@@ -23,22 +23,41 @@ if TYPE_CHECKING:
     from ..ops.metrics import Metrics
 
 log = structlog.get_logger("notifyrelay.server")
+CLOSE_GRACE_S = 2.0  # a peer that neither answers a close nor drains its buffer is cut off after this
 
 
-class Backpressure:
-    """The write side's pause, drain and stall watchdog, for a transport class that has these attributes."""
+class ClientTransport:
+    """One client's connection as the hub sees it (a websocket or a stream), less what differs between them."""
 
-    __slots__ = ("_stall_timer", "paused")
-    hub: Hub
-    session: Session | None
-    settings: ServerConfig
-    peer: str
+    __slots__ = ("_close_timer", "_keepalive", "_metrics", "_stall_timer", "hub", "paused", "peer", "session",
+                 "settings", "transport")
     name: str
-    _metrics: Metrics
 
-    def __init__(self) -> None:
+    def __init__(self, transport: asyncio.Transport, hub: Hub, settings: ServerConfig, metrics: Metrics,
+                 peer: str) -> None:
+        self.transport = transport
+        self.hub = hub
+        self.settings = settings
+        self.peer = peer
+        self.session: Session | None = None
         self.paused = False
+        self._metrics = metrics
         self._stall_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+
+    def _cut_off_later(self) -> None:
+        """Abort the connection after ``CLOSE_GRACE_S``, unless it is gone by then."""
+        if self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.transport.abort)
+
+    def _gone(self) -> None:
+        """The TCP connection is gone: stop every timer, and leave the hub."""
+        for timer in (self._stall_timer, self._close_timer, self._keepalive):
+            if timer is not None:
+                timer.cancel()
+        if self.session is not None:
+            self.hub.close(self.session)
 
     def pause_writing(self) -> None:
         self.paused = True

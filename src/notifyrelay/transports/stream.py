@@ -20,40 +20,30 @@ from ..delivery.hub import Hub
 from ..delivery.session import Session
 from ..delivery.transport import NDJSON, SSE, OutFrame, chunk
 from ..ops.metrics import Metrics
-from .flow import Backpressure
+from .flow import ClientTransport
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
 
 log = structlog.get_logger("notifyrelay.stream")
-CLOSE_GRACE_S = 2.0
 SSE_RETRY_MS = 2000
 
 
-class StreamTransport(Backpressure):
+class StreamTransport(ClientTransport):
     """One SSE or NDJSON response stream (the hub's Transport interface)."""
 
     unidirectional = True
-    __slots__ = ("_close_timer", "_keepalive", "_metrics", "chunked", "closed", "framing", "hub",
-                 "name", "peer", "session", "settings", "transport")
+    __slots__ = ("chunked", "closed", "framing", "name")
 
     def __init__(
         self, kind: str, transport: asyncio.Transport, *, chunked: bool, hub: Hub, settings: ServerConfig,
         metrics: Metrics, peer: str,
     ) -> None:
-        super().__init__()
+        super().__init__(transport, hub, settings, metrics, peer)
         self.name = kind  # "sse" or "ndjson"
         self.framing = f"{kind}+chunked" if chunked else kind
         self.chunked = chunked
-        self.transport = transport
-        self.hub = hub
-        self.settings = settings
-        self.peer = peer
         self.closed = False
-        self._metrics = metrics
-        self._close_timer: asyncio.TimerHandle | None = None
-        self._keepalive: asyncio.TimerHandle | None = None
-        self.session: Session | None = None
 
     def start(self, head: bytes, grant_channels: dict[str, frozenset[str] | None] | None,
               subscribes: list[protocol.Subscribe], *, until_done: bool = False) -> Session:
@@ -91,7 +81,7 @@ class StreamTransport(Backpressure):
         if self.chunked:
             self.transport.write(b"0\r\n\r\n")
         self.transport.close()  # after the buffer is flushed; a peer that never drains it is cut off
-        self._close_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.transport.abort)
+        self._cut_off_later()
 
     def _send_keepalive(self) -> None:
         if self.closed or self.transport.is_closing():
@@ -110,11 +100,7 @@ class StreamTransport(Backpressure):
 
     def connection_lost(self) -> None:
         self.closed = True
-        for timer in (self._stall_timer, self._close_timer, self._keepalive):
-            if timer is not None:
-                timer.cancel()
-        if self.session is not None:
-            self.hub.close(self.session)
+        self._gone()
         self._metrics.connections_closed.labels("stream").inc()
 
 

@@ -26,11 +26,10 @@ from websockets.typing import Subprotocol
 
 from .. import protocol
 from ..delivery.hub import Hub
-from ..delivery.session import Session
 from ..delivery.transport import WEBSOCKET, OutFrame
 from ..exceptions import ProtocolError
 from ..ops.metrics import Metrics
-from .flow import Backpressure
+from .flow import ClientTransport
 from .gate import StreamRequest
 
 if TYPE_CHECKING:
@@ -42,7 +41,6 @@ KNOWN_CLOSE_CODES = frozenset(
     {1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
      protocol.CLOSE_SLOW_CLIENT, protocol.CLOSE_TOKEN_EXPIRED}
 )
-CLOSE_GRACE_S = 2.0
 
 
 def handshake(
@@ -75,32 +73,23 @@ def handshake(
     return ws, b"".join(ws.data_to_send()), opened
 
 
-class WebSocketTransport(Backpressure):
+class WebSocketTransport(ClientTransport):
     """One open websocket: frames in to the hub, frames out from it (the hub's Transport interface)."""
 
     name = "websocket"
     unidirectional = False
-    __slots__ = ("_close_timer", "_fragments", "_keepalive", "_metrics", "_ping", "_ping_sent_at",
-                 "hub", "latency", "peer", "session", "settings", "transport", "ws")
+    __slots__ = ("_fragments", "_ping", "_ping_sent_at", "latency", "ws")
 
     def __init__(
         self, transport: asyncio.Transport, ws: ServerProtocol, hub: Hub, settings: ServerConfig, metrics: Metrics,
         peer: str,
     ) -> None:
-        super().__init__()
-        self.transport = transport
+        super().__init__(transport, hub, settings, metrics, peer)
         self.ws = ws
-        self.hub = hub
-        self.settings = settings
-        self.peer = peer
-        self._metrics = metrics
-        self._close_timer: asyncio.TimerHandle | None = None
-        self._keepalive: asyncio.TimerHandle | None = None
         self._ping: bytes | None = None
         self._fragments: list[bool | bytes] | None = None  # a fragmented message: is it text, then its parts
         self._ping_sent_at = 0.0
         self.latency = 0.0  # the last keepalive round trip, seconds
-        self.session: Session | None = None
 
     def start(self, grant_channels: dict[str, frozenset[str] | None] | None, request: StreamRequest | None,
               error: ProtocolError | None) -> None:
@@ -133,9 +122,7 @@ class WebSocketTransport(Backpressure):
         if self.ws.state is State.OPEN:
             self.ws.send_close(code, reason)
             self._flush()
-        if self._close_timer is None:
-            # A peer that does not answer the close (or never drains our buffer) is cut off.
-            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.transport.abort)
+        self._cut_off_later()  # a peer that does not answer the close (or never drains our buffer)
 
     # Bytes from the peer.
 
@@ -236,11 +223,7 @@ class WebSocketTransport(Backpressure):
             self.transport.resume_reading()
 
     def connection_lost(self) -> None:
-        for timer in (self._stall_timer, self._close_timer, self._keepalive):
-            if timer is not None:
-                timer.cancel()
-        if self.session is not None:
-            self.hub.close(self.session)
+        self._gone()
         if self.ws.state is not State.CLOSED:
             self.ws.receive_eof()  # the protocol learns the TCP connection is gone, so close_code is final
         code = self.ws.close_code or 1006
