@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +13,8 @@ from hypothesis import strategies as st
 from notifyrelay import protocol
 from notifyrelay.exceptions import ProtocolError
 from notifyrelay.protocol import Ping, Subscribe, Unsubscribe
+
+from .fakes import Rows
 
 
 def parse(text: str | bytes) -> protocol.Command:
@@ -67,17 +68,6 @@ def test_error_keeps_the_request_id_when_it_is_valid() -> None:
 
 def decode(body: bytes) -> Any:
     return msgspec.json.decode(body)
-
-
-@dataclass
-class Rows:
-    """Fetched state as the state stage hands it over (protocol.Rows)."""
-
-    rows: dict[str, Any] = field(default_factory=dict)
-    gone: list[str] = field(default_factory=list)
-    progress: dict[str, Any] | None = None
-    error: str | None = None
-    error_keys: list[str] = field(default_factory=list)
 
 
 def test_welcome_says_protocol_2_and_the_instance() -> None:

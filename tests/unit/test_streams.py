@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +27,8 @@ from notifyrelay.ops.metrics import Metrics
 from notifyrelay.pipeline.coalescer import Batch
 from notifyrelay.pipeline.streams import Pipeline, Refresh
 from notifyrelay.protocol import Subscribe
+
+from .fakes import Rows
 
 NOW_S = 1_800_000_000.0  # the streams' wall clock, fixed: frames they stamp themselves carry 1_800_000_000_000
 NOW_MS = int(NOW_S * 1000)
@@ -107,15 +109,6 @@ class Delivery:
     def to(self, session: Session) -> list[tuple[str, dict[str, Any]]]:
         """The frames one client received, in order."""
         return [(sent.kind, sent.frame) for sent in self.sent if sent.session is session]
-
-
-@dataclass
-class Rows:
-    rows: dict[str, Any] = field(default_factory=dict)
-    gone: list[str] = field(default_factory=list)
-    progress: dict[str, Any] | None = None
-    error: str | None = None
-    error_keys: list[str] = field(default_factory=list)
 
 
 class State:
