@@ -121,10 +121,9 @@ def _toml(value: Any) -> str:
 class Stack:
     """An embedded PostgreSQL and the relay (``python -m notifyrelay run --config``), each its own process.
 
-    ``channels`` are ``[[channels]]`` tables; ``server`` adds keys to ``[server]``. ``relays`` > 1 starts that many
-    independent relays on one PostgreSQL, each on its own port with its own LISTEN connection (what several relay
-    processes sharing a port with SO_REUSEPORT would be); then metrics, CPU and RSS are their sums. Leaving the
-    ``with`` block stops the relays (SIGTERM, then SIGKILL) and throws PostgreSQL away, on success, error or Ctrl-C.
+    ``channels`` are ``[[channels]]`` tables; ``server`` adds keys to ``[server]`` (``workers = N`` runs a supervisor
+    and N workers on the one port: metrics, CPU and RSS are then summed over them). Leaving the ``with`` block stops
+    the relay (SIGTERM, then SIGKILL) and throws PostgreSQL away, on success, error or Ctrl-C.
     """
 
     def __init__(
@@ -135,31 +134,23 @@ class Stack:
         window_ms: int = 200,
         server: dict[str, Any] | None = None,
         pg_max_connections: int = 60,
-        relays: int = 1,
         env: dict[str, str] | None = None,
         setup_sql: str = "",
     ) -> None:
         self.name = name
-        self.setup_sql = setup_sql  # run on the new database before any relay starts (tables a state channel reads)
-        self.env = env or {}  # added to the relays' environment (which keeps no other NOTIFYRELAY_ variable)
+        self.setup_sql = setup_sql  # run on the new database before the relay starts (tables a state channel reads)
+        self.env = env or {}  # added to the relay's environment (which keeps no other NOTIFYRELAY_ variable)
         self.channels = list(channels)
         self.window_ms = window_ms
         self.server_extra = {"max_connections": 12000, "max_handshakes": 1000, **(server or {})}
         self.pg_max_connections = pg_max_connections
-        self.count = relays
         self.pg: EmbeddedPostgres | None = None
-        self.relays: list[subprocess.Popen[bytes]] = []
-        self.processes: list[psutil.Process] = []
-        self.ports: list[int] = []
+        self.relay: subprocess.Popen[bytes] | None = None
+        self.process: psutil.Process | None = None
+        self.port = 0
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        suffixes = [""] if relays == 1 else [str(i) for i in range(relays)]
-        self.config_paths = [RESULTS_DIR / f"{name}.relay{s}.toml" for s in suffixes]
-        self.log_paths = [RESULTS_DIR / f"{name}.relay{s}.log" for s in suffixes]
-
-    @property
-    def relay(self) -> subprocess.Popen[bytes] | None:
-        """The (first) relay process."""
-        return self.relays[0] if self.relays else None
+        self.config_path = RESULTS_DIR / f"{name}.relay.toml"
+        self.log_path = RESULTS_DIR / f"{name}.relay.log"
 
     @property
     def dsn(self) -> str:
@@ -168,12 +159,12 @@ class Stack:
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.ports[0]}/ws"
+        return f"ws://127.0.0.1:{self.port}/ws"
 
-    def ws_url(self, channel: str, keys: Sequence[str] = (), relay: int = 0) -> str:
+    def ws_url(self, channel: str, keys: Sequence[str] = ()) -> str:
         """The websocket URL of a relay that subscribes at connect time (no keys: ``*``)."""
         query = [("channel", channel)] + [("key", k) for k in keys]
-        return f"ws://127.0.0.1:{self.ports[relay % len(self.ports)]}/ws?{urlencode(query)}"
+        return f"{self.url}?{urlencode(query)}"
 
     def __enter__(self) -> Stack:
         try:
@@ -202,85 +193,78 @@ class Stack:
             asyncio.run(setup(self.pg.dsn))
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYRELAY_")} | self.env
-        for config_path, log_path in zip(self.config_paths, self.log_paths, strict=True):
-            port = free_port()
-            lines = [
-                f"dsn = {_toml(self.pg.dsn)}",
-                "",
-                "[server]",
-                f'listen = "127.0.0.1:{port}"',
-                *(f"{k} = {_toml(v)}" for k, v in self.server_extra.items() if v is not None),
-                "",
-                "[coalesce]",
-                f"window_ms = {self.window_ms}",
-                "",
-                "[log]",
-                'level = "info"',
-                'format = "json"',
-            ]
-            for channel in self.channels:
-                lines += ["", "[[channels]]", *(f"{k} = {_toml(v)}" for k, v in channel.items())]
-            config_path.write_text("\n".join(lines) + "\n")
-            with open(log_path, "wb") as log:
-                relay = subprocess.Popen(
-                    [sys.executable, "-m", "notifyrelay", "run", "--config", str(config_path)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True, preexec_fn=_die_with_parent,
-                )
-            self.relays.append(relay)
-            self.ports.append(port)
-            self.processes.append(psutil.Process(relay.pid))
-        for index in range(self.count):
-            self._wait_ready(index, 30)
+        self.port = free_port()
+        lines = [
+            f"dsn = {_toml(self.pg.dsn)}",
+            "",
+            "[server]",
+            f'listen = "127.0.0.1:{self.port}"',
+            *(f"{k} = {_toml(v)}" for k, v in self.server_extra.items() if v is not None),
+            "",
+            "[coalesce]",
+            f"window_ms = {self.window_ms}",
+            "",
+            "[log]",
+            'level = "info"',
+            'format = "json"',
+        ]
+        for channel in self.channels:
+            lines += ["", "[[channels]]", *(f"{k} = {_toml(v)}" for k, v in channel.items())]
+        self.config_path.write_text("\n".join(lines) + "\n")
+        with open(self.log_path, "wb") as log:
+            self.relay = subprocess.Popen(
+                [sys.executable, "-m", "notifyrelay", "run", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        self.process = psutil.Process(self.relay.pid)
+        self._wait_ready(30)
 
-    def _wait_ready(self, index: int, timeout: float) -> None:
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.relay is not None
         deadline = time.monotonic() + timeout
-        relay = self.relays[index]
         while time.monotonic() < deadline:
-            if relay.poll() is not None:
-                raise RuntimeError(f"the relay exited with {relay.returncode}:\n{self.log_tail(index)}")
+            if self.relay.poll() is not None:
+                raise RuntimeError(f"the relay exited with {self.relay.returncode}:\n{self.log_tail()}")
             try:
-                url = f"http://127.0.0.1:{self.ports[index]}/readyz"
-                with urllib.request.urlopen(url, timeout=2) as response:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"the relay was not ready within {timeout:g} s:\n{self.log_tail(index)}")
+        raise RuntimeError(f"the relay was not ready within {timeout:g} s:\n{self.log_tail()}")
 
-    def log_tail(self, index: int = 0, chars: int = 3000) -> str:
+    def log_tail(self, chars: int = 3000) -> str:
         try:
-            return self.log_paths[index].read_text(errors="replace")[-chars:]
+            return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
 
     def metrics(self) -> dict[str, float]:
-        """The relays' /metrics as ``{'name{labels}': value}``, summed over relays and workers."""
+        """The relay's /metrics as ``{'name{labels}': value}``, summed over its workers."""
         values: dict[str, float] = {}
-        for port in self.ports:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-                text = response.read().decode()
-            for line in text.splitlines():
-                if line and not line.startswith("#"):
-                    name, _, value = line.rpartition(" ")
-                    # A supervisor's /metrics labels each worker's series: sum them like separate relays'.
-                    name = _WORKER_LABEL.sub("", name).replace(",}", "}").replace("{}", "")
-                    with contextlib.suppress(ValueError):
-                        values[name] = values.get(name, 0.0) + float(value)
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                # A supervisor's /metrics labels each worker's series: sum them.
+                name = _WORKER_LABEL.sub("", name).replace(",}", "}").replace("{}", "")
+                with contextlib.suppress(ValueError):
+                    values[name] = values.get(name, 0.0) + float(value)
         return values
 
     def _tree(self) -> list[psutil.Process]:
-        """The relays and, under ``[server] workers = N``, the supervisor's worker processes."""
-        tree = []
-        for process in self.processes:
-            tree.append(process)
-            with contextlib.suppress(psutil.Error):
-                tree.extend(process.children(recursive=True))
-        return tree
+        """The relay and, under ``[server] workers = N``, the supervisor's worker processes."""
+        if self.process is None:
+            return []
+        with contextlib.suppress(psutil.Error):
+            return [self.process, *self.process.children(recursive=True)]
+        return [self.process]
 
     def cpu_seconds(self) -> float:
-        """User + system CPU seconds of the relays (and their workers) so far."""
+        """User + system CPU seconds of the relay (and its workers) so far."""
         total = 0.0
         for process in self._tree():
             with contextlib.suppress(psutil.Error):
@@ -298,15 +282,14 @@ class Stack:
     def __exit__(self, *exc: object) -> None:
         with shielded():
             tree = self._tree()  # a supervisor's workers too, in case it dies before it stops them
-            for relay in self.relays:
-                if relay.poll() is None:
-                    relay.terminate()
-            for relay in self.relays:
+            if self.relay is not None:
+                if self.relay.poll() is None:
+                    self.relay.terminate()
                 try:
-                    relay.wait(15)
+                    self.relay.wait(15)
                 except subprocess.TimeoutExpired:
-                    relay.kill()
-                    relay.wait(5)
+                    self.relay.kill()
+                    self.relay.wait(5)
             for process in tree:
                 with contextlib.suppress(psutil.Error):
                     process.kill()
@@ -316,7 +299,7 @@ class Stack:
                 except Exception as error:  # a server already stopping (Ctrl-C reached it too) is fine
                     print(f"bench: PostgreSQL cleanup: {error}", file=sys.stderr)
                     shutil.rmtree(self.pg.pgdata, ignore_errors=True)
-            self.relays = []
+            self.relay = self.process = None
             self.pg = None
 
 

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     runs = [(loop, w) for loop in loops for w in worker_counts]
     result["config"] = {"window_ms": 200, "clients": n, "wildcard_clients": n_wild, "keys": n_keys,
                         "client_processes": procs, "mixed_rate_per_s": args.rate, "mixed_seconds": mixed_s,
-                        "lone_batches": lone_count, "relays": args.relays, "phases": phases, "event_loops": loops,
+                        "lone_batches": lone_count, "phases": phases, "event_loops": loops,
                         "ping_interval_s": args.ping_interval_s or "relay default", "client_impl": args.client_impl,
                         "workers": worker_counts}
     figures: dict[str, Any] = {}
@@ -165,12 +165,11 @@ def run_loop(args: argparse.Namespace, loop: str, workers: int, phases: list[str
     if args.src:  # an older checkout's relay, for a before/after in the same hour: it knows no newer [server] key
         env["PYTHONPATH"] = args.src
         server["max_handshakes"] = None
-    with bl.Stack("fanout", [{"name": CHANNEL}], relays=args.relays, server=server, env=env) as stack:
+    with bl.Stack("fanout", [{"name": CHANNEL}], server=server, env=env) as stack:
         clients = bl.start_clients(procs, "seq", lifetime_s=900, name="clients", impl=args.client_impl)
         generators = bl.start_generators(1, stack.dsn, connections=2, lifetime_s=900)
         with bl.workers_stopped(clients + generators):
-            # Client i goes to relay i % relays: what SO_REUSEPORT's spreading of connections would do.
-            urls = [stack.ws_url(CHANNEL, [] if i < n_wild else [keys[i % n_keys]], relay=i) for i in range(n)]
+            urls = [stack.ws_url(CHANNEL, [] if i < n_wild else [keys[i % n_keys]]) for i in range(n)]
             connected = bl.connect_clients(clients, urls, timeout=300)
             result["connect_seconds"] = connected["seconds"]
             result["relay_rss_mib_connected"] = round(stack.rss() / 2**20, 1)
@@ -300,14 +299,12 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=15000, help="notifications/s in the mixed phase")
     parser.add_argument("--mixed-seconds", type=float, default=10)
     parser.add_argument("--batches", type=int, default=20, help="lone batches to all clients")
-    parser.add_argument("--relays", type=int, default=1,
-                        help="independent relays sharing the clients (an experiment: workers behind SO_REUSEPORT)")
     parser.add_argument("--client-impl", choices=["asyncio", "sansio", "c"], default="asyncio",
                         help="websockets' asyncio client, its sans-I/O protocol (lighter: less client time), or "
                         "bench/fastclient.c (lightest: about the read() alone)")
     parser.add_argument("--workers", default="1",
                         help="[server] workers = N, one run per count (e.g. 1,2,4); SO_REUSEPORT spreads the clients")
-    parser.add_argument("--ping-interval-s", type=float, help="the relays' server.ping_interval_s (an experiment)")
+    parser.add_argument("--ping-interval-s", type=float, help="the relay's server.ping_interval_s (an experiment)")
     parser.add_argument("--phases", default="mixed,all", help="mixed, all, or both (all alone: every client "
                         "follows * from the start)")
     parser.add_argument("--loops", default="default",

@@ -116,7 +116,7 @@ class Follower:
 async def one_outage(stack: bl.Stack, follower: Follower, outage_s: float) -> dict[str, Any]:
     assert stack.pg is not None
     pg = stack.pg
-    port = stack.ports[0]
+    port = stack.port
     downs = sum(1 for state, _ in follower.status if state == "down")
     await asyncio.to_thread(pg.stop, "fast")
     stopped = time.monotonic()

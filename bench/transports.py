@@ -241,7 +241,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         result["relay_pid"] = stack.relay.pid if stack.relay else None
         query = urlencode({"channel": CHANNEL})
         urls = {"websocket": stack.ws_url(CHANNEL),
-                **{name: f"http://127.0.0.1:{stack.ports[0]}{path}?{query}" for name, path in STREAM_PATHS.items()}}
+                **{name: f"http://127.0.0.1:{stack.port}{path}?{query}" for name, path in STREAM_PATHS.items()}}
         # One client process for every follower (default), or one per transport.
         groups = [urls] if args.client_processes == 1 else [{name: url} for name, url in urls.items()]
         workers = [bl.Worker(followers_worker, name=f"clients-{i}", lifetime_s=lifetime) for i in range(len(groups))]

@@ -109,7 +109,7 @@ def fanout(workers: int, args: argparse.Namespace) -> dict[str, Any]:
                                    poll_s=args.poll_ms / 1000)
         generators = bl.start_generators(1, stack.dsn, connections=1, lifetime_s=600)
         with bl.workers_stopped(clients + generators):
-            url = f"ws://127.0.0.1:{stack.ports[0]}/ws?" + urlencode([("channel", name) for name in names])
+            url = f"{stack.url}?" + urlencode([("channel", name) for name in names])
             bl.connect_clients(clients, [url] * args.clients, timeout=120)
             time.sleep(1.5)
             bl.call_all(clients, ("reset",), timeout=30)
