@@ -23,7 +23,6 @@ from typing import Any
 import benchlib as bl
 
 CHANNEL = "bench_frame_cpu"
-SENT = "notifyrelay_messages_sent_total"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -36,10 +35,6 @@ def proc_times(pid: int) -> tuple[float, float]:
 
 def proc_cpu(pid: int) -> float:
     return sum(proc_times(pid))
-
-
-def notify_frames(metrics: dict[str, float]) -> float:
-    return sum(value for name, value in metrics.items() if name.startswith(SENT + "{") and 'type="notify"' in name)
 
 
 def paced(stack: bl.Stack, generator: bl.Worker, args: argparse.Namespace, seconds: float,
@@ -60,7 +55,7 @@ def paced(stack: bl.Stack, generator: bl.Worker, args: argparse.Namespace, secon
     relay_cpu = user + system
     wall = time.monotonic() - wall_before
     others = sum(proc_cpu(pid) for pid in pids) - others_before
-    frames = notify_frames(stack.metrics()) - notify_frames(before)
+    frames = bl.notify_frames(stack.metrics()) - bl.notify_frames(before)
     return {"notifications_sent": answer["sent"], "max_late_s": round(answer["max_late_s"], 3),
             "seconds": round(wall, 2), "relay_cpu_s": round(relay_cpu, 3),
             "relay_user_s": round(user, 3), "relay_system_s": round(system, 3), "frames_written": int(frames),
